@@ -1,0 +1,12 @@
+"""fabdeploy: Capistrano-grade deploys of Flask and other WSGI apps, as Fabric tasks.
+
+In a fabfile.py:  from fabdeploy import ns
+In a tasks.py:    from fabdeploy import deploy, rollback, releases, unlock
+"""
+from invoke import Collection
+
+from .tasks import deploy, releases, rollback, unlock
+
+ns = Collection(deploy, rollback, releases, unlock)
+
+__all__ = ["ns", "deploy", "rollback", "releases", "unlock"]

@@ -1,0 +1,183 @@
+"""Runs on the server, stdlib only: read the host's facts, probe health.
+
+fabdeploy sends this file's text with `python3 -c`, so nothing has to be
+installed or uploaded before the first command. Keep it small, and keep it
+free of imports from fabdeploy.
+"""
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def release_state(path):
+    """ready (complete), failed (marked bad) or partial (interrupted)."""
+    if os.path.exists(os.path.join(path, "FAILED")):
+        return "failed"
+    if os.path.exists(os.path.join(path, "RELEASE.json")):
+        return "ready"
+    return "partial"
+
+
+def lock_facts(lock_dir):
+    try:
+        mtime = os.stat(lock_dir).st_mtime
+    except OSError:
+        return None
+    info = read_json(os.path.join(lock_dir, "info.json")) or {}
+    info["age"] = round(time.time() - mtime, 1)
+    return info
+
+
+def current_bind(root):
+    """The bind the current release's gunicorn was given (see gunicorn.conf.py)."""
+    try:
+        with open(os.path.join(root, "current", "gunicorn.conf.py")) as f:
+            for line in f:
+                if line.startswith("bind = ["):
+                    return line.split("'")[1]
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def venv_ok():
+    """Debian splits venv's ensurepip out into python3-venv."""
+    try:
+        import ensurepip  # noqa: F401
+        import venv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def facts(args):
+    root = os.path.expanduser(args.root)
+    releases_dir = os.path.join(root, "releases")
+    state_dir = os.path.join(root, ".fabdeploy")
+    releases = []
+    if os.path.isdir(releases_dir):
+        for name in sorted(os.listdir(releases_dir)):
+            path = os.path.join(releases_dir, name)
+            if name.startswith(".") or not os.path.isdir(path):
+                continue
+            releases.append({"name": name, "state": release_state(path),
+                             "meta": read_json(os.path.join(path, "RELEASE.json")) or {}})
+    current = None
+    if os.path.islink(os.path.join(root, "current")):
+        current = os.path.basename(os.readlink(os.path.join(root, "current")))
+    print(json.dumps({
+        "home": os.path.expanduser("~"),
+        "user": os.environ.get("USER") or os.environ.get("LOGNAME"),
+        "root": root,
+        "root_exists": os.path.isdir(root),
+        "current": current,
+        "current_bind": current_bind(root),
+        "releases": releases,
+        "initialized": os.path.exists(os.path.join(state_dir, "initialized")),
+        "config_exists": os.path.exists(os.path.join(root, "shared", "instance", "config.py")),
+        "lock": lock_facts(os.path.join(state_dir, "lock")),
+        "venv_ok": venv_ok(),
+        "systemd": os.path.isdir("/run/systemd/system"),
+        "uv": shutil.which("uv"),
+        "python": "%d.%d" % sys.version_info[:2],
+    }))
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def get_status(args):
+    """One GET of the health path; the status code, or an error string."""
+    if args.unix:
+        conn = UnixHTTPConnection(args.unix, timeout=5)
+    else:
+        host, _, port = args.tcp.rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", args.path, headers={"Host": args.host_header})
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        return "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        conn.close()
+
+
+def server_gone(args):
+    """True when the server we wait for has died: no point waiting further."""
+    if args.pid_file:
+        if not os.path.exists(args.pid_file):
+            return False  # not written yet, or never: the timeout decides
+        try:
+            with open(args.pid_file) as f:
+                os.kill(int(f.read().strip()), 0)
+        except (OSError, ValueError):
+            return True
+    if args.unit:
+        state = subprocess.run(["systemctl", "is-failed", "--quiet", args.unit])
+        return state.returncode == 0
+    return False
+
+
+def health(args):
+    """Poll until the path answers 2xx; exit 1 with the last answer if not."""
+    deadline = time.monotonic() + args.timeout
+    last = "no answer"
+    while True:
+        last = get_status(args)
+        if isinstance(last, int) and 200 <= last < 300:
+            print("ok %d" % last)
+            return 0
+        if server_gone(args):
+            last = "the server exited (last answer: %s)" % last
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    print("unhealthy: %s" % last)
+    return 1
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="fabdeploy-agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("facts")
+    p.add_argument("--root", required=True)
+    p = sub.add_parser("health")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--unix")
+    target.add_argument("--tcp")
+    p.add_argument("--path", default="/")
+    p.add_argument("--host-header", default="localhost")
+    p.add_argument("--timeout", type=float, default=30)
+    p.add_argument("--pid-file")
+    p.add_argument("--unit")
+    args = parser.parse_args(argv)
+    if args.command == "facts":
+        return facts(args)
+    return health(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""Where things live on the server, and which releases to keep. No I/O here."""
+from __future__ import annotations
+
+import datetime as dt
+import posixpath
+from dataclasses import dataclass
+
+STATE_DIR = ".fabdeploy"
+
+
+def release_name(now: dt.datetime | None = None) -> str:
+    """A name that sorts by time, to the millisecond: 20261121-103700-123."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%d-%H%M%S-") + f"{now.microsecond // 1000:03d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths under deploy_to, which must be absolute here."""
+
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    @property
+    def releases(self) -> str:
+        return self._join("releases")
+
+    @property
+    def shared(self) -> str:
+        return self._join("shared")
+
+    @property
+    def current(self) -> str:
+        return self._join("current")
+
+    @property
+    def instance(self) -> str:
+        return self._join("shared", "instance")
+
+    @property
+    def config_py(self) -> str:
+        return self._join("shared", "instance", "config.py")
+
+    @property
+    def run_dir(self) -> str:
+        return self._join("shared", "run")
+
+    @property
+    def log_dir(self) -> str:
+        return self._join("shared", "log")
+
+    @property
+    def error_log(self) -> str:
+        return self._join("shared", "log", "gunicorn.log")
+
+    @property
+    def state(self) -> str:
+        return self._join(STATE_DIR)
+
+    @property
+    def lock(self) -> str:
+        return self._join(STATE_DIR, "lock")
+
+    @property
+    def audit_log(self) -> str:
+        return self._join(STATE_DIR, "audit.jsonl")
+
+    @property
+    def initialized(self) -> str:
+        return self._join(STATE_DIR, "initialized")
+
+    def release(self, name: str) -> str:
+        return self._join("releases", name)
+
+    def venv(self, name: str) -> str:
+        return self._join("releases", name, "venv")
+
+    def meta(self, name: str) -> str:
+        return self._join("releases", name, "RELEASE.json")
+
+    def failed_marker(self, name: str) -> str:
+        return self._join("releases", name, "FAILED")
+
+    def gunicorn_conf(self, name: str) -> str:
+        return self._join("releases", name, "gunicorn.conf.py")
+
+    def socket(self, name: str) -> str:
+        return self._join("shared", "run", f"{name}.sock")
+
+    def pid_file(self, name: str) -> str:
+        return self._join("shared", "run", f"{name}.pid")
+
+    def instance_link(self, name: str, import_name: str) -> str:
+        """Where Flask looks for an installed app's instance folder."""
+        return self._join("releases", name, "venv", "var", f"{import_name}-instance")
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release directory as the host reports it."""
+
+    name: str
+    state: str  # ready, failed or partial
+    meta: dict
+
+    @property
+    def good(self) -> bool:
+        return self.state == "ready"
+
+
+def previous_release(releases: list[Release], current: str | None) -> Release | None:
+    """The newest good release older than current: the rollback target."""
+    older = [r for r in releases if r.good and (current is None or r.name < current)]
+    return max(older, key=lambda r: r.name, default=None)
+
+
+def releases_to_remove(releases: list[Release], current: str | None, keep: int) -> list[str]:
+    """Old, failed and partial releases beyond `keep`; never current or its predecessor."""
+    protected = {current}
+    before = previous_release(releases, current)
+    if before:
+        protected.add(before.name)
+    kept = [r.name for r in releases if r.good or r.name in protected]
+    kept.sort(reverse=True)
+    newest = kept[:keep]
+    # After a rollback, current may be older than the newest `keep`: make room.
+    for name in sorted(protected - {None} - set(newest)):
+        droppable = [n for n in newest if n not in protected]
+        newest.remove(min(droppable))
+        newest.append(name)
+    return sorted(r.name for r in releases if r.name not in newest)

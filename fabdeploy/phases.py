@@ -1,0 +1,294 @@
+"""The phases of a deploy and a rollback on one host, each a small function.
+
+A deploy prepares a host fully (the new release installed, started on its
+own socket and healthy) before any traffic moves, then switches. Commands
+come from `plan`, files from `render`; here they are only put in order.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import secrets
+import socket
+from dataclasses import dataclass, field
+
+from . import plan, render
+from .build import Wheel
+from .errors import DeployError, tail
+from .layout import Layout, Release, previous_release, releases_to_remove
+from .remote import Host
+from .settings import Settings
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+@dataclass
+class Target:
+    """One host's state during one invocation."""
+
+    host: Host
+    settings: Settings
+    release: str = ""
+    wheel: Wheel | None = None
+    facts: dict = field(default_factory=dict)
+    layout: Layout | None = None
+    locked: bool = False
+    started: bool = False      # the new release's server is running
+    switched: bool = False     # traffic moved to the new release
+    unchanged: bool = False    # the same wheel is already current
+    bind: str = ""             # where the release being activated listens
+
+    @property
+    def manager(self) -> str:
+        return self.settings.gunicorn["manager"] or ("systemd" if self.facts.get("systemd") else "pidfile")
+
+    @property
+    def current(self) -> str | None:
+        return self.facts.get("current")
+
+    @property
+    def releases(self) -> list[Release]:
+        return [Release(r["name"], r["state"], r["meta"]) for r in self.facts.get("releases", [])]
+
+    def run(self, command: str | None, what: str, **kwargs):
+        return self.host.run(command, what=what, **kwargs) if command else None
+
+
+def who() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- reading the host -------------------------------------------------------
+
+def connect(t: Target) -> None:
+    t.host.connect()
+
+
+def read_facts(t: Target) -> None:
+    result = t.run(plan.facts(t.settings), "reading the host's state", query=True,
+                   hint=f"is {t.settings['python']} installed on the server?")
+    t.facts = json.loads(result.stdout)
+    t.layout = Layout(t.facts["root"])
+
+
+# -- preparing --------------------------------------------------------------
+
+def lay_out(t: Target) -> None:
+    t.run(plan.make_root(t.layout), f"creating {t.layout.root}",
+          hint="make its parent writable, or allow passwordless sudo for mkdir and chown")
+
+
+def take_lock(t: Target, action: str) -> None:
+    info = {"who": who(), "when": now(), "what": f"{action} {t.release}".strip()}
+    result = t.run(plan.lock(t.layout, info), "taking the deploy lock", warn=True)
+    if result is None:  # dry run
+        return
+    if result.exited == plan.LOCK_HELD:
+        read_facts(t)
+        raise lock_held(t.facts.get("lock") or {})
+    if result.failed:
+        raise DeployError("taking the deploy lock failed", t.host.name, detail=tail(result.stderr))
+    t.locked = True
+    read_facts(t)  # fresh, now that nobody else can change the host
+
+
+def lock_held(lock: dict) -> DeployError:
+    holder = lock.get("who", "someone")
+    what = f" ({lock['what']})" if lock.get("what") else ""
+    age = lock.get("age")
+    since = f" for {age:.0f}s" if isinstance(age, (int, float)) else ""
+    return DeployError(f"locked by {holder}{what}{since}",
+                       hint="wait for it; if no deploy is running, run fab unlock")
+
+
+def release_lock(t: Target) -> None:
+    if t.locked:
+        t.run(plan.unlock(t.layout), "releasing the deploy lock", warn=True)
+        t.locked = False
+
+
+def check_unchanged(t: Target, force: bool) -> None:
+    """Skip the deploy when the very same wheel already serves."""
+    current = next((r for r in t.releases if r.name == t.current), None)
+    if not force and current and current.meta.get("sha256") == t.wheel.sha256:
+        t.unchanged = True
+
+
+def check_server(t: Target) -> None:
+    if not t.facts.get("venv_ok"):
+        raise DeployError(f"{t.settings['python']} cannot create virtual environments",
+                          t.host.name, hint="install it: sudo apt-get install python3-venv")
+
+
+def upload(t: Target) -> None:
+    t.run(plan.make_release_dir(t.layout, t.release), "creating the release directory")
+    t.host.put(str(t.wheel.path), f"{t.layout.release(t.release)}/{t.wheel.filename}")
+
+
+def create_venv(t: Target) -> None:
+    t.run(plan.create_venv(t.settings, t.layout, t.release), "creating the venv",
+          hint="is python3-venv installed?")
+
+
+def install(t: Target) -> None:
+    wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
+    t.run(plan.install(t.layout, t.release, wheel, list(t.settings["packages"])),
+          "installing the wheel")
+
+
+def link_instance(t: Target) -> None:
+    t.run(plan.link_instance(t.settings, t.layout, t.release), "linking the instance folder")
+
+
+def write_secret(t: Target) -> None:
+    """Write config.py with a new SECRET_KEY once; later deploys keep it."""
+    if t.facts.get("config_exists"):
+        return
+    text = ("# Written by fabdeploy on the first deploy; kept across deploys and rollbacks.\n"
+            f"SECRET_KEY = {secrets.token_hex()!r}\n")
+    t.host.write_secret(t.layout.config_py, text)
+
+
+def initialise(t: Target) -> None:
+    """Run init_command once per host: the tutorial's init-db drops its tables."""
+    if t.facts.get("initialized") or not t.settings["init_command"]:
+        return
+    t.run(plan.init_app(t.settings, t.layout, t.release), f"flask {t.settings['init_command']}",
+          hint="fix the app's init command, or set init_command to '' to skip it")
+
+
+def choose_bind(t: Target) -> str:
+    """Each release gets its own socket, so two can run side by side."""
+    setting = t.settings.gunicorn["bind"]
+    if not setting:
+        return f"unix:{t.layout.socket(t.release)}"
+    host, _, port = setting.rpartition(":")
+    if host not in LOOPBACK or not port.isdigit():
+        raise DeployError(f"gunicorn.bind must be a loopback host:port, not {setting!r}",
+                          hint="leave it unset for a unix socket, or use 127.0.0.1:PORT")
+    # Two ports, used in turn: the new release takes the one the old lacks.
+    first, second = f"{host}:{port}", f"{host}:{int(port) + 1}"
+    return second if t.facts.get("current_bind") == first else first
+
+
+def configure_server(t: Target) -> None:
+    """The release's gunicorn config, and the systemd unit where systemd runs it."""
+    t.bind = choose_bind(t)
+    conf = render.gunicorn_conf(t.settings, t.layout, t.release, t.bind, t.manager)
+    t.host.write(t.layout.gunicorn_conf(t.release), conf)
+    if t.manager == "systemd":
+        unit = render.systemd_unit(t.settings, t.layout, t.facts.get("user") or t.host.conn.user)
+        install_system_file(t, unit, f"/etc/systemd/system/{t.settings.app}@.service")
+        t.run(plan.daemon_reload(), "reloading systemd")
+
+
+def install_system_file(t: Target, text: str, dest: str) -> None:
+    tmp = f"{t.layout.state}/{dest.rsplit('/', 1)[1]}.new"
+    t.host.write(tmp, text)
+    t.run(plan.install_file(tmp, dest), f"installing {dest}",
+          hint="allow passwordless sudo for install, or make the directory writable")
+
+
+def check_app(t: Target) -> None:
+    """gunicorn --check-config imports the app: a broken import stops here."""
+    result = t.run(plan.gunicorn(t.layout, t.release, "--check-config"), "checking the app", warn=True)
+    if result is not None and result.failed:
+        raise DeployError(f"the app does not load ({t.settings['wsgi']})", t.host.name,
+                          hint="fix the app; the old release keeps serving",
+                          detail=tail(result.stdout + result.stderr))
+
+
+def mark_ready(t: Target) -> None:
+    meta = {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
+            "sha256": t.wheel.sha256, "deployed_at": now(), "deployed_by": who()}
+    t.host.write(t.layout.meta(t.release), json.dumps(meta, indent=2) + "\n")
+    t.facts["releases"].append({"name": t.release, "state": "ready", "meta": meta})
+
+
+def start_release(t: Target) -> None:
+    """Start the release on its own socket and wait until it answers 2xx."""
+    start_server(t, t.release)
+    t.started = True
+    healthy(t, t.release)
+
+
+def start_server(t: Target, release: str) -> None:
+    t.run(plan.start_server(t.settings, t.layout, release, t.manager), f"starting release {release}")
+
+
+def healthy(t: Target, release: str) -> None:
+    timeout = float(t.settings["health_timeout"])
+    result = t.run(plan.health(t.settings, t.layout, release, t.bind, t.manager, timeout),
+                   "health check", warn=True)
+    if result is None or result.ok:
+        return
+    log = t.run(plan.tail_log(t.layout.error_log), "reading the error log", query=True)
+    raise DeployError(f"release {release} is unhealthy: {result.stdout.strip()}", t.host.name,
+                      hint="the old release keeps serving; see the app's error above",
+                      detail=tail(log.stdout, 20) if log and log.stdout.strip() else None)
+
+
+# -- switching --------------------------------------------------------------
+
+def route_traffic(t: Target, active: str, backup: str | None) -> None:
+    """Point nginx at `active`, with `backup` taking what `active` refuses."""
+    site = t.settings.nginx["site_path"]
+    backup = f"{t.layout.state}/site.conf.prev"
+    t.run(plan.save_copy(site, backup), "saving the nginx site", warn=True)
+    install_system_file(t, render.nginx_site(t.settings, active, backup), site)
+    test = t.run(t.settings.nginx["test_command"], "nginx config test", warn=True)
+    if test is not None and test.failed:
+        t.run(plan.restore_copy(site, backup), "restoring the nginx site", warn=True)
+        raise DeployError("nginx rejected the configuration", t.host.name,
+                          hint="fix nginx's configuration; nothing was switched",
+                          detail=tail(test.stdout + test.stderr))
+    t.run(t.settings.nginx["reload_command"], "reloading nginx")
+
+
+def switch_current(t: Target, release: str) -> None:
+    t.run(plan.switch_current(t.layout, release), "switching current")
+
+
+def stop_release(t: Target, release: str | None) -> None:
+    if release:
+        t.run(plan.stop_server(t.settings, t.layout, release, t.manager),
+              f"stopping release {release}", warn=True)
+
+
+def enable_release(t: Target, release: str) -> None:
+    t.run(plan.enable_server(t.settings, release, t.manager), "enabling the service")
+
+
+def verify_through_proxy(t: Target) -> None:
+    result = t.run(plan.health_via_proxy(t.settings, 10), "health check through nginx", warn=True)
+    if result is not None and result.failed:
+        raise DeployError(f"health check through nginx failed: {result.stdout.strip()}", t.host.name)
+
+
+def cleanup(t: Target, keep_also: str | None = None) -> list[str]:
+    releases = [r for r in t.releases if r.name != keep_also]
+    doomed = releases_to_remove(releases, t.current, int(t.settings["keep_releases"]))
+    if doomed:
+        t.run(plan.remove_releases(t.layout, doomed), "removing old releases")
+    return doomed
+
+
+def audit(t: Target, event: str, **details) -> None:
+    entry = {"event": event, "who": who(), "when": now(), "release": t.release or None, **details}
+    if t.wheel is not None:
+        entry.setdefault("sha256", t.wheel.sha256)
+    t.run(plan.audit(t.layout, entry), "writing the audit log", warn=True)
+
+
+def mark_failed(t: Target, reason: str) -> None:
+    """Stop and mark a release that did not make it, so nothing picks it again."""
+    if t.started:
+        stop_release(t, t.release)
+        t.started = False
+    t.run(plan.mark_failed(t.layout, t.release, f"{now()} {reason}"),
+          "marking the release failed", warn=True)

@@ -1,0 +1,136 @@
+"""The thin layer that does things: run commands and write files on a host.
+
+In a dry run it prints what it would do instead, but still runs queries
+(commands that only read), so the plan reflects the host as it is.
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import secrets
+import socket
+import sys
+
+import paramiko
+from paramiko.ssh_exception import NoValidConnectionsError
+
+from .errors import DeployError, tail
+
+
+class Host:
+    """One server, reached through a Fabric Connection."""
+
+    def __init__(self, conn, known_hosts: str, dry_run: bool = False, out=None):
+        self.conn = conn
+        self.known_hosts = known_hosts
+        self.dry_run = dry_run
+        self.out = out or sys.stdout
+        port = f":{conn.port}" if conn.port and conn.port != 22 else ""
+        self.name = f"{conn.user}@{conn.host}{port}"
+        self._sftp = None
+
+    # -- connecting ---------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection, refusing any host key known_hosts does not vouch for."""
+        client = self.conn.client
+        path = self._known_hosts_path()
+        if os.path.exists(path):
+            client.load_host_keys(path)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        if self.conn.connect_timeout is None:
+            self.conn.connect_timeout = 15
+        try:
+            self.conn.open()
+        except paramiko.BadHostKeyException as exc:
+            raise DeployError(
+                f"host key changed: the server offered a {exc.key.get_name()} key that does not "
+                f"match the one in {path}", self.name,
+                hint="if the server was really reinstalled, remove the old entry with "
+                     "ssh-keygen -R, verify the new key and add it") from None
+        except paramiko.AuthenticationException:
+            raise DeployError(f"authentication failed for user {self.conn.user}", self.name,
+                              hint="check the SSH key (-i, or connect_kwargs.key_filename) "
+                                   "and the user") from None
+        except paramiko.SSHException as exc:
+            if "known_hosts" in str(exc):
+                raise DeployError(f"unknown host key: the server is not in {path}", self.name,
+                                  hint="verify its key and add it, e.g. ssh-keyscan after "
+                                       "checking the fingerprint") from None
+            raise DeployError(f"SSH failed: {exc}", self.name) from None
+        except (NoValidConnectionsError, socket.gaierror, socket.timeout, OSError) as exc:
+            raise DeployError(f"cannot connect: {exc}", self.name,
+                              hint="check the host name, port and firewall") from None
+
+    def _known_hosts_path(self) -> str:
+        configured = self.conn.ssh_config.get("userknownhostsfile")
+        path = configured.split()[0] if configured else self.known_hosts
+        return os.path.expanduser(path)
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+        self.conn.close()
+
+    # -- doing --------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def run(self, command: str, *, what: str = "command", query: bool = False,
+            warn: bool = False, hint: str | None = None):
+        """Run a command. Failures raise with the command's output, unless warn."""
+        if self.dry_run and not query:
+            self.say(f"[{self.name}] would run: {command}")
+            return None
+        result = self.conn.run(command, hide=True, warn=True, in_stream=False)
+        if result.failed and not warn:
+            output = (result.stderr.strip() or result.stdout.strip())
+            raise DeployError(f"{what} failed (exit {result.exited})", self.name, hint=hint,
+                              detail=tail(output) or None)
+        return result
+
+    def sftp(self):
+        if self._sftp is None:
+            self._sftp = self.conn.sftp()
+        return self._sftp
+
+    def put(self, local: str, remote: str) -> None:
+        if self.dry_run:
+            self.say(f"[{self.name}] would upload: {local} -> {remote}")
+            return
+        self.sftp().put(local, remote)
+
+    def write(self, remote: str, text: str, mode: int = 0o644) -> None:
+        """Write a file atomically: a temporary name, then a rename."""
+        if self.dry_run:
+            self.say(f"[{self.name}] would write {remote} (mode {mode:o}):")
+            self.say("".join(f"    {line}\n" for line in text.splitlines()).rstrip("\n"))
+            return
+        self._write_then_rename(remote, text, mode)
+
+    def write_secret(self, remote: str, text: str) -> None:
+        """Like write, but 0600 before a byte is written, and never shown."""
+        if self.dry_run:
+            self.say(f"[{self.name}] would write {remote} (mode 600, secret: not shown)")
+            return
+        self._write_then_rename(remote, text, 0o600)
+
+    def _write_then_rename(self, remote: str, text: str, mode: int) -> None:
+        sftp = self.sftp()
+        tmp = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.{secrets.token_hex(4)}")
+        with sftp.open(tmp, "wx") as f:
+            # Tighten the mode while the file is still empty.
+            sftp.chmod(tmp, mode)
+            f.write(text.encode())
+        sftp.posix_rename(tmp, remote)
+
+    def read(self, remote: str) -> str | None:
+        """A small remote file's text, or None if it does not exist."""
+        buf = io.BytesIO()
+        try:
+            self.sftp().getfo(remote, buf)
+        except FileNotFoundError:
+            return None
+        return buf.getvalue().decode()

@@ -1,0 +1,46 @@
+"""Render the files fabdeploy installs from the templates in the package."""
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+from .layout import Layout
+from .settings import Settings
+
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def render(template: str, **values) -> str:
+    """Fill {{name}} placeholders; a missing value is a bug, so it raises."""
+    text = resources.files("fabdeploy").joinpath("templates", template).read_text()
+    return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
+
+
+def upstream_name(app: str) -> str:
+    return "fabdeploy_" + re.sub(r"\W", "_", app)
+
+
+def nginx_site(settings: Settings, active_bind: str, backup_bind: str | None) -> str:
+    nginx = settings.nginx
+    # gunicorn's bind syntax (unix:/x.sock, or host:port) is nginx's too.
+    backup = f"    server {backup_bind} backup max_fails=0;\n" if backup_bind else ""
+    return render("nginx-site.conf", app=settings.app, upstream=upstream_name(settings.app),
+                  active=active_bind, backup=backup,
+                  listen=nginx["listen"], server_name=nginx["server_name"])
+
+
+def gunicorn_conf(settings: Settings, layout: Layout, release: str, bind: str,
+                  manager: str) -> str:
+    g = settings.gunicorn
+    return render("gunicorn.conf.py", app=settings.app, release=release,
+                  wsgi=repr(settings["wsgi"]), bind=repr(bind), workers=int(g["workers"]),
+                  timeout=int(g["timeout"]), graceful_timeout=int(g["graceful_timeout"]),
+                  release_dir=repr(layout.release(release)), error_log=repr(layout.error_log),
+                  pid_file=repr(layout.pid_file(release)) if manager == "pidfile" else None,
+                  proc_name=repr(f"{settings.app}-{release}"))
+
+
+def systemd_unit(settings: Settings, layout: Layout, user: str) -> str:
+    return render("gunicorn@.service", app=settings.app, user=user,
+                  group=settings.gunicorn["group"], root=layout.root,
+                  stop_timeout=int(settings.gunicorn["graceful_timeout"]) + 10)
