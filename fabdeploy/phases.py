@@ -23,7 +23,7 @@ from .settings import Settings
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 
-@dataclass
+@dataclass(eq=False)  # identity, so targets can key dicts
 class Target:
     """One host's state during one invocation."""
 
@@ -238,12 +238,12 @@ def healthy(t: Target, release: str) -> None:
 def route_traffic(t: Target, active: str, backup: str | None) -> None:
     """Point nginx at `active`, with `backup` taking what `active` refuses."""
     site = t.settings.nginx["site_path"]
-    backup = f"{t.layout.state}/site.conf.prev"
-    t.run(plan.save_copy(site, backup), "saving the nginx site", warn=True)
+    saved = f"{t.layout.state}/site.conf.prev"
+    t.run(plan.save_copy(site, saved), "saving the nginx site", warn=True)
     install_system_file(t, render.nginx_site(t.settings, active, backup), site)
     test = t.run(t.settings.nginx["test_command"], "nginx config test", warn=True)
     if test is not None and test.failed:
-        t.run(plan.restore_copy(site, backup), "restoring the nginx site", warn=True)
+        t.run(plan.restore_copy(site, saved), "restoring the nginx site", warn=True)
         raise DeployError("nginx rejected the configuration", t.host.name,
                           hint="fix nginx's configuration; nothing was switched",
                           detail=tail(test.stdout + test.stderr))

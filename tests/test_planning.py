@@ -1,0 +1,171 @@
+"""Fast tests of the parts that decide: settings, layout, commands, templates."""
+import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fabdeploy import plan, render
+from fabdeploy.errors import DeployError
+from fabdeploy.layout import Layout, Release, previous_release, release_name, releases_to_remove
+from fabdeploy.settings import resolve
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "example"
+
+
+def settings(**given):
+    return resolve(given, EXAMPLE)
+
+
+# -- settings ---------------------------------------------------------------
+
+def test_defaults_derive_from_pyproject():
+    s = settings()
+    assert s.app == "guestbook"
+    assert s["wsgi"] == "guestbook:create_app()"
+    assert s["deploy_to"] == "/srv/guestbook"
+    assert s.nginx["site_path"] == "/etc/nginx/sites-enabled/guestbook.conf"
+    assert s["keep_releases"] == 5 and s["init_command"] == "init-db" and s["health_path"] == "/"
+
+
+def test_partial_nested_settings_keep_the_other_defaults():
+    s = settings(nginx={"listen": 8080})
+    assert s.nginx["listen"] == 8080
+    assert s.nginx["test_command"] == "sudo nginx -t"
+    assert s.nginx["reload_command"] == "sudo systemctl reload nginx"
+
+
+@pytest.mark.parametrize("given, named, suggestion", [
+    ({"keep_release": 3}, "fabdeploy.keep_release", "keep_releases"),
+    ({"nginx": {"lisen": 81}}, "fabdeploy.nginx.lisen", "nginx.listen"),
+    ({"flavour": 1}, "fabdeploy.flavour", None),
+])
+def test_unknown_key_is_named(given, named, suggestion):
+    with pytest.raises(DeployError) as err:
+        settings(**given)
+    assert named in str(err.value)
+    if suggestion:
+        assert f"did you mean '{suggestion}'" in str(err.value)
+
+
+def test_missing_pyproject_is_one_clear_error(tmp_path):
+    with pytest.raises(DeployError, match="no pyproject.toml"):
+        resolve({}, tmp_path)
+    (tmp_path / "pyproject.toml").write_text("[project\nname=")
+    with pytest.raises(DeployError, match="does not parse"):
+        resolve({}, tmp_path)
+
+
+def test_relative_deploy_to_is_refused():
+    with pytest.raises(DeployError, match="deploy_to"):
+        settings(deploy_to="srv/app")
+
+
+# -- layout -----------------------------------------------------------------
+
+def test_release_names_sort_by_time():
+    a = release_name(dt.datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=dt.timezone.utc))
+    b = release_name(dt.datetime(2026, 1, 2, 3, 4, 5, 7000, tzinfo=dt.timezone.utc))
+    c = release_name(dt.datetime(2026, 10, 1, 0, 0, 0, tzinfo=dt.timezone.utc))
+    assert a == "20260102-030405-006"
+    assert a < b < c
+
+
+def test_instance_link_is_where_flask_looks_in_a_venv():
+    layout = Layout("/srv/app")
+    assert layout.instance_link("R", "guestbook") == "/srv/app/releases/R/venv/var/guestbook-instance"
+
+
+def rel(name, state="ready"):
+    return Release(name, state, {})
+
+
+@pytest.mark.parametrize("names, current, keep, removed", [
+    # plain: keep the newest `keep`
+    (["1", "2", "3", "4", "5", "6"], "6", 3, ["1", "2", "3"]),
+    # after a rollback current is old: it and its predecessor stay
+    (["1", "2", "3", "4", "5", "6"], "2", 3, ["3", "4", "5"]),
+    # nothing to remove
+    (["1", "2"], "2", 5, []),
+])
+def test_cleanup_keeps_current_and_its_predecessor(names, current, keep, removed):
+    releases = [rel(n) for n in names]
+    assert releases_to_remove(releases, current, keep) == removed
+    remaining = set(names) - set(removed)
+    assert current in remaining and len(remaining) == min(keep, len(names))
+
+
+def test_cleanup_removes_failed_and_partial_first():
+    releases = [rel("1"), rel("2"), rel("3", "failed"), rel("4", "partial"), rel("5")]
+    assert releases_to_remove(releases, "5", 3) == ["3", "4"]
+
+
+def test_rollback_target_skips_failed_and_partial():
+    releases = [rel("1"), rel("2"), rel("3", "failed"), rel("4", "partial"), rel("5")]
+    assert previous_release(releases, "5").name == "2"
+    assert previous_release([rel("1")], "1") is None
+
+
+# -- commands ---------------------------------------------------------------
+
+def test_every_path_is_quoted():
+    layout = Layout("/srv/my app")
+    command = plan.make_root(layout)
+    assert "'/srv/my app/releases'" in command
+    assert plan.switch_current(layout, "R1") == (
+        "ln -sfn releases/R1 '/srv/my app/.current.tmp' && mv -Tf '/srv/my app/.current.tmp' "
+        "'/srv/my app/current'")
+
+
+def test_lock_is_an_atomic_mkdir_with_who_when_what():
+    command = plan.lock(Layout("/srv/app"), {"who": "me@here", "when": "now", "what": "deploy R"})
+    assert command.startswith("if mkdir /srv/app/.fabdeploy/lock 2>/dev/null; then")
+    assert f"exit {plan.LOCK_HELD}" in command
+    assert "me@here" in command
+
+
+def test_agent_runs_from_a_command_line(tmp_path):
+    """The packed agent is valid Python that reads facts of an empty root."""
+    words = shlex.split(plan.agent(sys.executable, "facts", "--root", str(tmp_path / "app")))
+    facts = json.loads(subprocess.run(words, capture_output=True, text=True, check=True).stdout)
+    assert facts["root_exists"] is False and facts["releases"] == [] and facts["lock"] is None
+
+
+def test_health_probe_targets_the_release_socket_and_watches_its_process():
+    s = settings()
+    command = plan.health(s, Layout("/srv/guestbook"), "R1", "unix:/srv/guestbook/shared/run/R1.sock",
+                          "pidfile", 5)
+    assert "--unix /srv/guestbook/shared/run/R1.sock" in command
+    assert "--pid-file /srv/guestbook/shared/run/R1.pid" in command
+
+
+# -- templates --------------------------------------------------------------
+
+def test_nginx_site_keeps_the_old_release_as_backup_only_during_a_switch():
+    s = settings(nginx={"listen": 8080, "server_name": "example.com"})
+    site = render.nginx_site(s, "unix:/new.sock", "unix:/old.sock")
+    assert "server unix:/new.sock max_fails=0;" in site
+    assert "server unix:/old.sock backup max_fails=0;" in site
+    assert "listen 8080;" in site and "server_name example.com;" in site
+    assert "backup" not in render.nginx_site(s, "unix:/new.sock", None).split("upstream")[-1].split("}")[0]
+
+
+def test_gunicorn_conf_binds_explicitly_and_is_valid_python():
+    s = settings()
+    conf = render.gunicorn_conf(s, Layout("/srv/guestbook"), "R1", "unix:/x.sock", "pidfile")
+    values = {}
+    exec(conf, values)
+    assert values["bind"] == ["unix:/x.sock"]
+    assert values["umask"] == 0o007
+    assert values["wsgi_app"] == "guestbook:create_app()"
+    assert values["pidfile"] == "/srv/guestbook/shared/run/R1.pid"
+
+
+def test_systemd_unit_runs_as_the_deploy_user_hardened():
+    unit = render.systemd_unit(settings(), Layout("/srv/guestbook"), "deploy")
+    for line in ("User=deploy", "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectSystem=strict",
+                 "UnsetEnvironment=PORT", "WantedBy=multi-user.target"):
+        assert line in unit
