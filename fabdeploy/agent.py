@@ -131,8 +131,11 @@ def server_gone(args):
             return False  # not written yet, or never: the timeout decides
         try:
             with open(args.pid_file) as f:
-                os.kill(int(f.read().strip()), 0)
-        except (OSError, ValueError):
+                pid = int(f.read().strip())
+            with open("/proc/%d/stat" % pid) as f:
+                # A dead daemon may linger as a zombie until init reaps it.
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, ValueError, IndexError):
             return True
     if args.unit:
         state = subprocess.run(["systemctl", "is-failed", "--quiet", args.unit])

@@ -1,0 +1,1 @@
+"""Test and demo harness for fabdeploy: throwaway hosts to deploy to."""
