@@ -1,12 +1,12 @@
 """fabdeploy: Capistrano-grade deploys of Flask and other WSGI apps, as Fabric tasks.
 
 In a fabfile.py:  from fabdeploy import ns
-In a tasks.py:    from fabdeploy import deploy, rollback, releases, unlock
+In a tasks.py:    from fabdeploy import deploy, rollback, releases, unlock, rotate_secret
 """
 from invoke import Collection
 
-from .tasks import deploy, releases, rollback, unlock
+from .tasks import deploy, releases, rollback, rotate_secret, unlock
 
-ns = Collection(deploy, rollback, releases, unlock)
+ns = Collection(deploy, rollback, releases, unlock, rotate_secret)
 
-__all__ = ["ns", "deploy", "rollback", "releases", "unlock"]
+__all__ = ["ns", "deploy", "rollback", "releases", "unlock", "rotate_secret"]

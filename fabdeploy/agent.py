@@ -82,6 +82,7 @@ def facts(args):
     print(json.dumps({
         "home": os.path.expanduser("~"),
         "user": os.environ.get("USER") or os.environ.get("LOGNAME"),
+        "uid": os.getuid(),
         "root": root,
         "root_exists": os.path.isdir(root),
         "current": current,

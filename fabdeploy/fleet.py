@@ -6,6 +6,7 @@ batches, and stops at the first batch that fails.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -19,12 +20,21 @@ from .phases import Target
 
 
 class Reporter:
-    """One line per host per phase, and a summary at the end."""
+    """One line per host per phase, a summary at the end, and the stop button.
 
-    def __init__(self, quiet: bool = False, out=None):
+    Ctrl-C sets `cancelled`; every host then stops at its next phase, and the
+    failure path (stop the new release, mark it, unlock), which is not made
+    of phases, runs everywhere.
+    """
+
+    def __init__(self, quiet: bool = False, out=None, parallel: int = 10):
         self.quiet = quiet
         self.out = out or sys.stdout
+        self.parallel = max(1, int(parallel))
+        self.cancelled = threading.Event()
         self._lock = threading.Lock()
+        # A test hook: stop before this phase, so a test can kill us there.
+        self.pause_before = os.environ.get("FABDEPLOY_PAUSE_BEFORE")
 
     def line(self, text: str, always: bool = False) -> None:
         if always or not self.quiet:
@@ -32,26 +42,39 @@ class Reporter:
                 print(text, file=self.out, flush=True)
 
     def step(self, t: Target, name: str, fn: Callable, *args):
+        if self.cancelled.is_set():
+            raise DeployError(f"interrupted before {name}")
+        if name == self.pause_before:
+            self.line(f"[{t.host.name}] paused before {name}", always=True)
+            time.sleep(600)
         started = time.monotonic()
         try:
             return fn(t, *args)
         finally:
             self.line(f"[{t.host.name}] {name:<16} {time.monotonic() - started:6.2f}s")
 
+    def each(self, targets: list[Target], work: Callable[[Target], None]) -> dict:
+        """Run work on every target in threads; return {target: DeployError} for failures."""
+        failures = {}
 
-def in_parallel(targets: list[Target], work: Callable[[Target], None], parallel: int) -> dict:
-    """Run work on every target; return {target: DeployError} for those that failed."""
-    failures = {}
+        def guarded(t: Target) -> None:
+            try:
+                work(t)
+            except DeployError as exc:
+                failures[t] = exc.on(t.host.name)
 
-    def guarded(t: Target) -> None:
+        if not targets:
+            return failures
+        pool = ThreadPoolExecutor(max_workers=min(self.parallel, len(targets)))
         try:
-            work(t)
-        except DeployError as exc:
-            failures[t] = exc.on(t.host.name)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(targets)))) as pool:
-        list(pool.map(guarded, targets))
-    return failures
+            for future in [pool.submit(guarded, t) for t in targets]:
+                future.result()
+        except BaseException:
+            self.cancelled.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+        return failures
 
 
 def summary(action: str, failures: dict, total: int) -> DeployError:
@@ -88,13 +111,15 @@ def prepare(t: Target, r: Reporter, force: bool) -> None:
     r.step(t, "init", ph.initialise)
     r.step(t, "configure", ph.configure_server)
     r.step(t, "check", ph.check_app)
-    r.step(t, "ready", ph.mark_ready)
     r.step(t, "start", ph.start_release)
 
 
 def go_live(t: Target, r: Reporter, event: str) -> None:
     """Move traffic to the started release; put it back if it fails through nginx."""
     old, old_bind = t.current, t.facts.get("current_bind")
+    if t.wheel is not None:
+        # Only now is the release complete: one killed earlier is never a rollback target.
+        ph.record_release(t)
     r.step(t, "route", ph.route_traffic, t.bind, old_bind)
     try:
         r.step(t, "verify", ph.verify_through_proxy)
@@ -114,34 +139,36 @@ def go_live(t: Target, r: Reporter, event: str) -> None:
 
 def abandon(t: Target, reason: str) -> None:
     """A release that will not go live: stop it, mark it, say so in the log."""
-    if t.release and t.layout and not t.switched and not t.unchanged:
+    if t.locked and t.release and not t.switched and not t.unchanged:
         ph.mark_failed(t, reason)
         ph.audit(t, "failed", reason=reason)
 
 
-def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int = 0,
-           parallel: int = 10) -> None:
+def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int = 0) -> None:
     started = time.monotonic()
+    live: list[Target] = []
     try:
-        failures = in_parallel(targets, lambda t: prepare(t, r, force), parallel)
+        failures = r.each(targets, lambda t: prepare(t, r, force))
         if failures:
-            in_parallel([t for t in targets if t.locked],
-                        lambda t: abandon(t, "preparing failed on " + ", ".join(f.host for f in failures.values())),
-                        parallel)
+            culprits = ", ".join(f.host for f in failures.values())
+            r.each(targets, lambda t: abandon(t, f"preparing failed on {culprits}"))
             raise summary("deploy", failures, len(targets))
         live = [t for t in targets if not t.unchanged]
         for group in batches(live, batch):
-            failures = in_parallel(group, lambda t: go_live(t, r, "deploy"), parallel)
+            failures = r.each(group, lambda t: go_live(t, r, "deploy"))
             if failures:
-                pending = [t for t in live if not t.switched]
-                in_parallel(pending, lambda t: abandon(t, "switching failed"), parallel)
+                r.each([t for t in live if not t.switched],
+                               lambda t: abandon(t, "switching failed"))
                 raise summary("switch", failures, len(group))
-        in_parallel(live, lambda t: r.step(t, "cleanup", ph.cleanup), parallel)
+        r.each(live, lambda t: r.step(t, "cleanup", ph.cleanup))
+    except KeyboardInterrupt:
+        r.each([t for t in targets if not t.switched], lambda t: abandon(t, "interrupted"))
+        raise DeployError("interrupted", hint="hosts that had not switched keep the old release") from None
     finally:
-        in_parallel(targets, ph.release_lock, parallel)
-    if targets and targets[0].release and live:
+        r.each(targets, ph.release_lock)
+    if live:
         hosts = ", ".join(t.host.name for t in live)
-        r.line(f"deployed {targets[0].release} to {hosts} in {time.monotonic() - started:.1f}s",
+        r.line(f"deployed {live[0].release} to {hosts} in {time.monotonic() - started:.1f}s",
                always=True)
 
 
@@ -172,24 +199,23 @@ def prepare_rollback(t: Target, r: Reporter, wanted: str | None) -> None:
     r.step(t, "start", ph.start_release)
 
 
-def rollback(targets: list[Target], r: Reporter, release: str | None = None,
-             parallel: int = 10) -> None:
+def rollback(targets: list[Target], r: Reporter, release: str | None = None) -> None:
     try:
-        failures = in_parallel(targets, lambda t: prepare_rollback(t, r, release), parallel)
+        failures = r.each(targets, lambda t: prepare_rollback(t, r, release))
         names = {t.release for t in targets}
         if not failures and len(names) > 1:
             failures = {targets[0]: DeployError(
                 "hosts disagree on the previous release: " + ", ".join(sorted(names)),
                 hint="name one with --release")}
+        if not failures:
+            failures = r.each(targets, lambda t: go_live(t, r, "rollback"))
         if failures:
-            for t in targets:
-                if t.started:
-                    ph.stop_release(t, t.release)
-            raise summary("rollback", failures, len(targets) if len(names) < 2 else 1)
-        failures = in_parallel(targets, lambda t: go_live(t, r, "rollback"), parallel)
-        if failures:
-            raise summary("rollback", failures, len(targets))
+            raise summary("rollback", failures, len(targets) if len(failures) > 1 else 1)
         r.line(f"rolled back to {targets[0].release} on "
                + ", ".join(t.host.name for t in targets), always=True)
+    except KeyboardInterrupt:
+        raise DeployError("interrupted", hint="hosts that had not switched keep their release") from None
     finally:
-        in_parallel(targets, ph.release_lock, parallel)
+        r.each([t for t in targets if t.started and not t.switched],
+                       lambda t: ph.stop_release(t, t.release))
+        r.each(targets, ph.release_lock)

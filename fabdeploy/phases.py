@@ -9,11 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
-import secrets
 import socket
 from dataclasses import dataclass, field
 
-from . import plan, render
+from . import plan, render, secret
 from .build import Wheel
 from .errors import DeployError, tail
 from .layout import Layout, Release, previous_release, releases_to_remove
@@ -38,6 +37,7 @@ class Target:
     switched: bool = False     # traffic moved to the new release
     unchanged: bool = False    # the same wheel is already current
     bind: str = ""             # where the release being activated listens
+    secret_key: str = field(default="", repr=False)  # never shown, not even in a repr
 
     @property
     def manager(self) -> str:
@@ -107,9 +107,15 @@ def lock_held(lock: dict) -> DeployError:
 
 
 def release_lock(t: Target) -> None:
-    if t.locked:
+    """Release our lock, reconnecting once if the connection died."""
+    if not t.locked:
+        return
+    try:
         t.run(plan.unlock(t.layout), "releasing the deploy lock", warn=True)
-        t.locked = False
+    except DeployError:
+        t.host.reconnect()
+        t.run(plan.unlock(t.layout), "releasing the deploy lock", warn=True)
+    t.locked = False
 
 
 def check_unchanged(t: Target, force: bool) -> None:
@@ -120,6 +126,9 @@ def check_unchanged(t: Target, force: bool) -> None:
 
 
 def check_server(t: Target) -> None:
+    if t.facts.get("uid") == 0:
+        raise DeployError("refusing to deploy as root: the app would run as root",
+                          t.host.name, hint="deploy as an unprivileged user with sudo rights")
     if not t.facts.get("venv_ok"):
         raise DeployError(f"{t.settings['python']} cannot create virtual environments",
                           t.host.name, hint="install it: sudo apt-get install python3-venv")
@@ -147,11 +156,26 @@ def link_instance(t: Target) -> None:
 
 def write_secret(t: Target) -> None:
     """Write config.py with a new SECRET_KEY once; later deploys keep it."""
-    if t.facts.get("config_exists"):
-        return
-    text = ("# Written by fabdeploy on the first deploy; kept across deploys and rollbacks.\n"
-            f"SECRET_KEY = {secrets.token_hex()!r}\n")
-    t.host.write_secret(t.layout.config_py, text)
+    if not t.facts.get("config_exists"):
+        t.host.write_secret(t.layout.config_py, secret.new_config(t.secret_key))
+
+
+def rotate_secret(t: Target) -> None:
+    """A new SECRET_KEY, the old one kept as a fallback so sessions survive."""
+    text = t.host.read(t.layout.config_py)
+    if text is None:
+        raise DeployError("there is no config.py to rotate yet", hint="deploy first")
+    try:
+        t.host.write_secret(t.layout.config_py, secret.rotate(text, t.secret_key))
+    except (ValueError, SyntaxError) as exc:
+        # Say what is wrong with the file, but never echo its contents.
+        raise DeployError(f"cannot rotate {t.layout.config_py}: {type(exc).__name__}",
+                          hint="fix config.py by hand") from None
+
+
+def reload_release(t: Target) -> None:
+    """Restart the current release's workers in place (gunicorn HUP)."""
+    t.run(plan.reload_server(t.settings, t.layout, t.current, t.manager), "reloading the app")
 
 
 def initialise(t: Target) -> None:
@@ -203,7 +227,7 @@ def check_app(t: Target) -> None:
                           detail=tail(result.stdout + result.stderr))
 
 
-def mark_ready(t: Target) -> None:
+def record_release(t: Target) -> None:
     meta = {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
             "sha256": t.wheel.sha256, "deployed_at": now(), "deployed_by": who()}
     t.host.write(t.layout.meta(t.release), json.dumps(meta, indent=2) + "\n")
@@ -274,14 +298,17 @@ def cleanup(t: Target, keep_also: str | None = None) -> list[str]:
     releases = [r for r in t.releases if r.name != keep_also]
     doomed = releases_to_remove(releases, t.current, int(t.settings["keep_releases"]))
     if doomed:
-        t.run(plan.remove_releases(t.layout, doomed), "removing old releases")
+        t.run(plan.remove_releases(t.settings, t.layout, doomed, t.manager), "removing old releases")
     return doomed
 
 
 def audit(t: Target, event: str, **details) -> None:
     entry = {"event": event, "who": who(), "when": now(), "release": t.release or None, **details}
     if t.wheel is not None:
-        entry.setdefault("sha256", t.wheel.sha256)
+        entry["sha256"] = t.wheel.sha256
+    else:
+        meta = next((r.meta for r in t.releases if r.name == t.release), {})
+        entry["sha256"] = meta.get("sha256")
     t.run(plan.audit(t.layout, entry), "writing the audit log", warn=True)
 
 

@@ -121,7 +121,8 @@ def start_server(settings: Settings, layout: Layout, release: str, manager: str)
 def stop_server(settings: Settings, layout: Layout, release: str, manager: str) -> str:
     """Stop a release's server gracefully, without waiting for it to drain."""
     if manager == "systemd":
-        return f"sudo -n systemctl disable --now --no-block {quote(unit_name(settings, release))}"
+        return (f"sudo -n systemctl disable --now --no-block {quote(unit_name(settings, release))}"
+                " 2>/dev/null; true")
     pid_file = quote(layout.pid_file(release))
     return f"if [ -f {pid_file} ]; then kill -TERM \"$(cat {pid_file})\" 2>/dev/null; fi; true"
 
@@ -186,11 +187,20 @@ def mark_failed(layout: Layout, release: str, reason: str) -> str:
     return f"printf '%s\\n' {quote(reason)} > {quote(layout.failed_marker(release))}"
 
 
-def remove_releases(layout: Layout, names: list[str]) -> str:
+def remove_releases(settings: Settings, layout: Layout, names: list[str], manager: str) -> str:
+    """Stop any server a removed release still runs (e.g. one killed mid-deploy), then delete."""
+    stops = "; ".join(stop_server(settings, layout, name, manager) for name in names)
     paths = []
     for name in names:
         paths += [layout.release(name), layout.socket(name), layout.pid_file(name)]
-    return "rm -rf " + " ".join(quote(p) for p in paths)
+    return f"{stops}; rm -rf " + " ".join(quote(p) for p in paths)
+
+
+def reload_server(settings: Settings, layout: Layout, release: str, manager: str) -> str:
+    """gunicorn re-reads its config and replaces its workers on HUP."""
+    if manager == "systemd":
+        return f"sudo -n systemctl reload {quote(unit_name(settings, release))}"
+    return f"kill -HUP \"$(cat {quote(layout.pid_file(release))})\""
 
 
 def daemon_reload() -> str:

@@ -5,6 +5,7 @@ In a dry run it prints what it would do instead, but still runs queries
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -16,6 +17,13 @@ import paramiko
 from paramiko.ssh_exception import NoValidConnectionsError
 
 from .errors import DeployError, tail
+
+
+def failure(what: str, how: str, output: str) -> str:
+    """The one line for a failed step; a full disk is common and named as such."""
+    if "No space left on device" in output or "Errno 28" in output:
+        return f"{what} failed: the server's disk is full (the old release keeps serving)"
+    return f"{what} failed ({how})"
 
 
 class Host:
@@ -84,12 +92,22 @@ class Host:
         if self.dry_run and not query:
             self.say(f"[{self.name}] would run: {command}")
             return None
-        result = self.conn.run(command, hide=True, warn=True, in_stream=False)
+        try:
+            result = self.conn.run(command, hide=True, warn=True, in_stream=False)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise DeployError(f"lost the connection while {what}: {exc or type(exc).__name__}",
+                              self.name, hint="check the network, then deploy again") from None
         if result.failed and not warn:
             output = (result.stderr.strip() or result.stdout.strip())
-            raise DeployError(f"{what} failed (exit {result.exited})", self.name, hint=hint,
-                              detail=tail(output) or None)
+            raise DeployError(failure(what, f"exit {result.exited}", output), self.name,
+                              hint=hint, detail=tail(output) or None)
         return result
+
+    def reconnect(self) -> None:
+        """A fresh connection after the old one died, e.g. to release the lock."""
+        self.close()
+        self._sftp = None
+        self.connect()
 
     def sftp(self):
         if self._sftp is None:
@@ -100,7 +118,17 @@ class Host:
         if self.dry_run:
             self.say(f"[{self.name}] would upload: {local} -> {remote}")
             return
-        self.sftp().put(local, remote)
+        with self.transfer(f"uploading to {remote}"):
+            self.sftp().put(local, remote)
+
+    @contextlib.contextmanager
+    def transfer(self, what: str):
+        """SFTP failures as one clear line, naming a full disk as such."""
+        try:
+            yield
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise DeployError(failure(what, str(exc) or type(exc).__name__, str(exc)),
+                              self.name) from None
 
     def write(self, remote: str, text: str, mode: int = 0o644) -> None:
         """Write a file atomically: a temporary name, then a rename."""
@@ -118,13 +146,14 @@ class Host:
         self._write_then_rename(remote, text, 0o600)
 
     def _write_then_rename(self, remote: str, text: str, mode: int) -> None:
-        sftp = self.sftp()
         tmp = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.{secrets.token_hex(4)}")
-        with sftp.open(tmp, "wx") as f:
-            # Tighten the mode while the file is still empty.
-            sftp.chmod(tmp, mode)
-            f.write(text.encode())
-        sftp.posix_rename(tmp, remote)
+        with self.transfer(f"writing {remote}"):
+            sftp = self.sftp()
+            with sftp.open(tmp, "wx") as f:
+                # Tighten the mode while the file is still empty.
+                sftp.chmod(tmp, mode)
+                f.write(text.encode())
+            sftp.posix_rename(tmp, remote)
 
     def read(self, remote: str) -> str | None:
         """A small remote file's text, or None if it does not exist."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fabric import Connection
 from invoke import Task, task
 from invoke.exceptions import Exit
 
-from . import fleet
+from . import fleet, secret
 from . import phases as ph
 from .build import build_wheel
 from .errors import DeployError
@@ -28,16 +29,26 @@ from .settings import Settings, resolve
 _collected: dict[str, dict] = {}
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def friendly(fn):
-    """Expected failures end as one clear message and exit 1, not a traceback."""
+    """Expected failures end as one clear message and exit 1, not a traceback.
+
+    SIGTERM is treated like Ctrl-C, so the failure path unlocks the hosts.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, interrupt)
         try:
             return fn(*args, **kwargs)
         except DeployError as exc:
             if os.environ.get("FABDEPLOY_DEBUG"):
                 raise
             raise Exit(f"fabdeploy: {exc}", code=1) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
@@ -88,9 +99,10 @@ def run_deploy(c, conns, force=False, dry_run=False, batch=0, parallel=10, quiet
     wheel = build_wheel(Path(settings["project_dir"]), tempfile.mkdtemp(prefix="fabdeploy-"))
     release = release_name()
     try:
-        targets = [ph.Target(h, settings, release=release, wheel=wheel) for h in hosts]
-        fleet.deploy(targets, fleet.Reporter(quiet), force=force, batch=int(batch),
-                     parallel=int(parallel))
+        key = secret.new_key()
+        targets = [ph.Target(h, settings, release=release, wheel=wheel, secret_key=key) for h in hosts]
+        fleet.deploy(targets, fleet.Reporter(quiet, parallel=parallel), force=force,
+                     batch=int(batch))
     finally:
         close_all(hosts)
 
@@ -117,7 +129,7 @@ def run_rollback(c, conns, release=None, parallel=10, quiet=False):
     hosts = hosts_of(c, conns, settings)
     try:
         targets = [ph.Target(h, settings) for h in hosts]
-        fleet.rollback(targets, fleet.Reporter(quiet), release=release, parallel=int(parallel))
+        fleet.rollback(targets, fleet.Reporter(quiet, parallel=parallel), release=release)
     finally:
         close_all(hosts)
 
@@ -134,7 +146,21 @@ def rollback(c, release=None, parallel=10, quiet=False):
         run_rollback(c, [], **options)
 
 
-# -- releases ---------------------------------------------------------------
+# -- the small tasks: one host after another ---------------------------------
+
+def each_host(c, conns, work) -> None:
+    """Connect to each host, read its facts, and run work(target) there."""
+    settings = settings_of(c)
+    hosts = hosts_of(c, conns, settings)
+    try:
+        for host in hosts:
+            t = ph.Target(host, settings)
+            ph.connect(t)
+            ph.read_facts(t)
+            work(t)
+    finally:
+        close_all(hosts)
+
 
 def release_table(t: ph.Target) -> str:
     rows = [("", "RELEASE", "STATE", "VERSION", "DEPLOYED AT", "BY")]
@@ -147,54 +173,58 @@ def release_table(t: ph.Target) -> str:
                      for row in rows)
 
 
-@friendly
-def run_releases(c, conns):
-    settings = settings_of(c)
-    hosts = hosts_of(c, conns, settings)
-    try:
-        for host in hosts:
-            t = ph.Target(host, settings)
-            ph.connect(t)
-            ph.read_facts(t)
-            print(f"{host.name} ({t.layout.root}), * = current")
-            print(release_table(t) if t.releases else "  no releases yet")
-    finally:
-        close_all(hosts)
+def show_releases(t: ph.Target) -> None:
+    print(f"{t.host.name} ({t.layout.root}), * = current")
+    print(release_table(t) if t.releases else "  no releases yet")
 
 
-@task(post=[finish("releases", run_releases)])
+@task(post=[finish("releases", friendly(lambda c, conns: each_host(c, conns, show_releases)))])
 def releases(c):
     """List the releases on each host: the current one marked, failed ones flagged."""
     if not collect(c, "releases", {}):
-        run_releases(c, [])
+        friendly(each_host)(c, [], show_releases)
 
 
-# -- unlock -----------------------------------------------------------------
-
-@friendly
-def run_unlock(c, conns):
-    settings = settings_of(c)
-    hosts = hosts_of(c, conns, settings)
-    try:
-        for host in hosts:
-            t = ph.Target(host, settings)
-            ph.connect(t)
-            ph.read_facts(t)
-            lock = t.facts.get("lock")
-            if not lock:
-                print(f"{host.name}: not locked")
-                continue
-            t.locked = True
-            ph.release_lock(t)
-            ph.audit(t, "unlock", lock=lock)
-            print(f"{host.name}: removed the lock held by {lock.get('who', 'someone')}"
-                  f" ({lock.get('what', '?')}, {lock.get('age', 0):.0f}s old)")
-    finally:
-        close_all(hosts)
+def remove_lock(t: ph.Target) -> None:
+    lock = t.facts.get("lock")
+    if not lock:
+        print(f"{t.host.name}: not locked")
+        return
+    t.locked = True
+    ph.release_lock(t)
+    ph.audit(t, "unlock", lock=lock)
+    print(f"{t.host.name}: removed the lock held by {lock.get('who', 'someone')}"
+          f" ({lock.get('what', '?')}, {lock.get('age', 0):.0f}s old)")
 
 
-@task(post=[finish("unlock", run_unlock)])
+@task(post=[finish("unlock", friendly(lambda c, conns: each_host(c, conns, remove_lock)))])
 def unlock(c):
     """Remove a deploy lock left behind, e.g. by a deploy that was killed."""
     if not collect(c, "unlock", {}):
-        run_unlock(c, [])
+        friendly(each_host)(c, [], remove_lock)
+
+
+def rotate_on(key: str):
+    def rotate(t: ph.Target) -> None:
+        t.secret_key = key
+        ph.take_lock(t, "rotate-secret")
+        try:
+            ph.rotate_secret(t)
+            ph.reload_release(t)
+            ph.verify_through_proxy(t)
+            ph.audit(t, "rotate-secret")
+        finally:
+            ph.release_lock(t)
+        print(f"{t.host.name}: new SECRET_KEY in place; the old one stays in SECRET_KEY_FALLBACKS")
+    return rotate
+
+
+def run_rotate(c, conns):
+    each_host(c, conns, rotate_on(secret.new_key()))
+
+
+@task(name="rotate-secret", post=[finish("rotate-secret", friendly(run_rotate))])
+def rotate_secret(c):
+    """Replace SECRET_KEY; the old key stays a fallback, so sessions survive."""
+    if not collect(c, "rotate-secret", {}):
+        friendly(run_rotate)(c, [])
