@@ -54,6 +54,15 @@ def current_bind(root):
     return None
 
 
+def find_uv():
+    """uv on PATH, in ~/.local/bin, or where fabdeploy fetched it (see plan.fetch_uv)."""
+    for path in (shutil.which("uv"), os.path.expanduser("~/.local/bin/uv"),
+                 os.path.expanduser("~/.cache/fabdeploy/tools/bin/uv")):
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 def venv_ok():
     """Debian splits venv's ensurepip out into python3-venv."""
     try:
@@ -93,7 +102,7 @@ def facts(args):
         "lock": lock_facts(os.path.join(state_dir, "lock")),
         "venv_ok": venv_ok(),
         "systemd": os.path.isdir("/run/systemd/system"),
-        "uv": shutil.which("uv"),
+        "uv": find_uv(),
         "python": "%d.%d" % sys.version_info[:2],
     }))
 
@@ -125,11 +134,12 @@ def get_status(args):
         conn.close()
 
 
-def server_gone(args):
+def server_gone(args, started):
     """True when the server we wait for has died: no point waiting further."""
     if args.pid_file:
         if not os.path.exists(args.pid_file):
-            return False  # not written yet, or never: the timeout decides
+            # gunicorn writes it first thing, and removes it when it exits.
+            return time.monotonic() - started > 10
         try:
             with open(args.pid_file) as f:
                 pid = int(f.read().strip())
@@ -146,14 +156,15 @@ def server_gone(args):
 
 def health(args):
     """Poll until the path answers 2xx; exit 1 with the last answer if not."""
-    deadline = time.monotonic() + args.timeout
+    started = time.monotonic()
+    deadline = started + args.timeout
     last = "no answer"
     while True:
         last = get_status(args)
         if isinstance(last, int) and 200 <= last < 300:
             print("ok %d" % last)
             return 0
-        if server_gone(args):
+        if server_gone(args, started):
             last = "the server exited (last answer: %s)" % last
             break
         if time.monotonic() > deadline:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,18 +36,88 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_wheel(project_dir: Path, out_dir: Path | None = None) -> Wheel:
-    """Run `python -m build --wheel`; a failure shows the build's last lines."""
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fabdeploy-build-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out_dir), str(project_dir)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True)
+SKIP_DIRS = {".git", ".hg", ".venv", "venv", "build", "dist", "__pycache__", ".tox", ".nox",
+             ".pytest_cache", ".mypy_cache", "node_modules", ".demo"}
+
+
+def source_key(project_dir: Path) -> str:
+    """A hash of the project's sources: same hash, same wheel."""
+    digest = hashlib.sha256()
+    for path in sorted(source_files(project_dir)):
+        digest.update(str(path.relative_to(project_dir)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def source_files(project_dir: Path):
+    for root, dirs, files in os.walk(project_dir):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        for name in files:
+            if not name.endswith((".pyc", ".pyo")) and name not in ("fabric.yaml",):
+                yield Path(root) / name
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "fabdeploy" / "wheels"
+
+
+def isolation_needed(project_dir: Path, cache: Path) -> bool:
+    """Build in an isolated env only when this one lacks the build requirements.
+
+    Asking the backend takes half a second, so the answer is kept per
+    pyproject.toml and Python.
+    """
+    pyproject = project_dir / "pyproject.toml"
+    key = hashlib.sha256(pyproject.read_bytes() + sys.executable.encode()).hexdigest()[:32]
+    memo = cache / f"isolation-{key}"
+    if memo.exists():
+        return memo.read_text() == "isolated"
+    try:
+        from build import ProjectBuilder
+        from pyproject_hooks import quiet_subprocess_runner
+        builder = ProjectBuilder(project_dir, runner=quiet_subprocess_runner)
+        needed = bool(builder.check_dependencies("wheel"))
+    except Exception:  # any doubt: the isolated build is the safe one
+        needed = True
+    cache.mkdir(parents=True, exist_ok=True)
+    memo.write_text("isolated" if needed else "shared")
+    return needed
+
+
+def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
+    """The project's wheel: from the cache when the sources are unchanged, else built.
+
+    A failed build shows the build's last lines.
+    """
+    cache = cache or cache_dir()
+    out_dir = cache / source_key(project_dir)
+    wheels = sorted(out_dir.glob("*.whl"))
+    if len(wheels) == 1:
+        return Wheel(wheels[0], sha256(wheels[0]))
+    tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-build-"))
+    argv = [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp), str(project_dir)]
+    if not isolation_needed(project_dir, cache):
+        argv.insert(4, "--no-isolation")
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if result.returncode != 0:
         raise DeployError(f"building the wheel of {project_dir} failed", host="local",
                           hint="fix the build, then deploy again",
                           detail=tail(result.stdout + result.stderr))
-    wheels = sorted(out_dir.glob("*.whl"), key=lambda p: p.stat().st_mtime)
-    if not wheels:
-        raise DeployError(f"the build of {project_dir} made no wheel", host="local")
-    return Wheel(wheels[-1], sha256(wheels[-1]))
+    built = sorted(tmp.glob("*.whl"))
+    if len(built) != 1:
+        raise DeployError(f"the build of {project_dir} made {len(built)} wheels, not one", host="local")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Rename last: a wheel in the cache is always complete.
+    final = out_dir / built[0].name
+    shutil.move(str(built[0]), str(final))
+    shutil.rmtree(tmp, ignore_errors=True)
+    prune(cache)
+    return Wheel(final, sha256(final))
+
+
+def prune(cache: Path, keep: int = 20) -> None:
+    """Keep the newest wheels only: the cache is a speed-up, not an archive."""
+    entries = sorted((d for d in cache.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    for old in entries[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

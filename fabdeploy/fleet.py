@@ -86,7 +86,7 @@ def summary(action: str, failures: dict, total: int) -> DeployError:
 
 
 def batches(targets: list[Target], batch: int) -> list[list[Target]]:
-    size = batch if batch and batch > 0 else len(targets)
+    size = batch if batch and batch > 0 else max(1, len(targets))
     return [targets[i:i + size] for i in range(0, len(targets), size)]
 
 
@@ -96,7 +96,6 @@ def prepare(t: Target, r: Reporter, force: bool) -> None:
     r.step(t, "connect", ph.connect)
     r.step(t, "facts", ph.read_facts)
     ph.check_server(t)
-    r.step(t, "layout", ph.lay_out)
     r.step(t, "lock", ph.take_lock, "deploy")
     ph.check_unchanged(t, force)
     if t.unchanged:
@@ -110,7 +109,6 @@ def prepare(t: Target, r: Reporter, force: bool) -> None:
     r.step(t, "secret", ph.write_secret)
     r.step(t, "init", ph.initialise)
     r.step(t, "configure", ph.configure_server)
-    r.step(t, "check", ph.check_app)
     r.step(t, "start", ph.start_release)
 
 
@@ -129,12 +127,7 @@ def go_live(t: Target, r: Reporter, event: str) -> None:
             r.line(f"[{t.host.name}] switched back to {old}: the new release failed through nginx",
                    always=True)
         raise
-    r.step(t, "switch", ph.switch_current, t.release)
-    t.switched = True
-    ph.enable_release(t, t.release)
-    r.step(t, "stop old", ph.stop_release, old)
-    t.facts["current"] = t.release
-    ph.audit(t, event, previous=old)
+    r.step(t, "switch", ph.publish, old, event)
 
 
 def abandon(t: Target, reason: str) -> None:
@@ -160,7 +153,7 @@ def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int =
                 r.each([t for t in live if not t.switched],
                                lambda t: abandon(t, "switching failed"))
                 raise summary("switch", failures, len(group))
-        r.each(live, lambda t: r.step(t, "cleanup", ph.cleanup))
+        r.each(live, lambda t: (r.step(t, "cleanup", ph.cleanup), ph.fetch_uv_later(t)))
     except KeyboardInterrupt:
         r.each([t for t in targets if not t.switched], lambda t: abandon(t, "interrupted"))
         raise DeployError("interrupted", hint="hosts that had not switched keep the old release") from None

@@ -78,23 +78,23 @@ def read_facts(t: Target) -> None:
 
 # -- preparing --------------------------------------------------------------
 
-def lay_out(t: Target) -> None:
-    t.run(plan.make_root(t.layout), f"creating {t.layout.root}",
-          hint="make its parent writable, or allow passwordless sudo for mkdir and chown")
-
-
 def take_lock(t: Target, action: str) -> None:
+    """Lay out deploy_to, take the lock, and read the facts afresh: one round trip."""
     info = {"who": who(), "when": now(), "what": f"{action} {t.release}".strip()}
-    result = t.run(plan.lock(t.layout, info), "taking the deploy lock", warn=True)
+    command = " && ".join([plan.make_root(t.layout), plan.lock(t.layout, info),
+                           plan.facts(t.settings)])
+    result = t.run(command, "taking the deploy lock", warn=True)
     if result is None:  # dry run
         return
     if result.exited == plan.LOCK_HELD:
         read_facts(t)
         raise lock_held(t.facts.get("lock") or {})
     if result.failed:
-        raise DeployError("taking the deploy lock failed", t.host.name, detail=tail(result.stderr))
+        raise DeployError(f"creating {t.layout.root} or its lock failed", t.host.name,
+                          hint="make its parent writable, or allow passwordless sudo for mkdir and chown",
+                          detail=tail(result.stderr) or None)
     t.locked = True
-    read_facts(t)  # fresh, now that nobody else can change the host
+    t.facts = json.loads(result.stdout)  # fresh, now that nobody else can change the host
 
 
 def lock_held(lock: dict) -> DeployError:
@@ -139,15 +139,31 @@ def upload(t: Target) -> None:
     t.host.put(str(t.wheel.path), f"{t.layout.release(t.release)}/{t.wheel.filename}")
 
 
+def uv(t: Target) -> str | None:
+    """The server's uv, where the installer setting allows it."""
+    installer = t.settings["installer"]
+    found = t.facts.get("uv")
+    if installer == "uv" and not found:
+        raise DeployError("installer is uv, but the server has no uv", t.host.name,
+                          hint="install uv there, or set installer: auto")
+    return found if installer in ("auto", "uv") else None
+
+
 def create_venv(t: Target) -> None:
-    t.run(plan.create_venv(t.settings, t.layout, t.release), "creating the venv",
+    t.run(plan.create_venv(t.settings, t.layout, t.release, uv(t)), "creating the venv",
           hint="is python3-venv installed?")
 
 
 def install(t: Target) -> None:
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
-    t.run(plan.install(t.layout, t.release, wheel, list(t.settings["packages"])),
+    t.run(plan.install(t.layout, t.release, wheel, list(t.settings["packages"]), uv(t)),
           "installing the wheel")
+
+
+def fetch_uv_later(t: Target) -> None:
+    """After going live: get uv for the next deploys, if they would want it."""
+    if t.settings["installer"] == "auto" and not t.facts.get("uv"):
+        t.run(plan.fetch_uv(t.settings), "starting to fetch uv", warn=True)
 
 
 def link_instance(t: Target) -> None:
@@ -173,9 +189,9 @@ def rotate_secret(t: Target) -> None:
                           hint="fix config.py by hand") from None
 
 
-def reload_release(t: Target) -> None:
-    """Restart the current release's workers in place (gunicorn HUP)."""
-    t.run(plan.reload_server(t.settings, t.layout, t.current, t.manager), "reloading the app")
+def reload_releases(t: Target) -> None:
+    """Restart the running releases' workers in place (gunicorn HUP): they reread config.py."""
+    t.run(plan.reload_servers(t.settings, t.layout, t.manager), "reloading the app")
 
 
 def initialise(t: Target) -> None:
@@ -218,15 +234,6 @@ def install_system_file(t: Target, text: str, dest: str) -> None:
           hint="allow passwordless sudo for install, or make the directory writable")
 
 
-def check_app(t: Target) -> None:
-    """gunicorn --check-config imports the app: a broken import stops here."""
-    result = t.run(plan.gunicorn(t.layout, t.release, "--check-config"), "checking the app", warn=True)
-    if result is not None and result.failed:
-        raise DeployError(f"the app does not load ({t.settings['wsgi']})", t.host.name,
-                          hint="fix the app; the old release keeps serving",
-                          detail=tail(result.stdout + result.stderr))
-
-
 def record_release(t: Target) -> None:
     meta = {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
             "sha256": t.wheel.sha256, "deployed_at": now(), "deployed_by": who()}
@@ -260,32 +267,39 @@ def healthy(t: Target, release: str) -> None:
 # -- switching --------------------------------------------------------------
 
 def route_traffic(t: Target, active: str, backup: str | None) -> None:
-    """Point nginx at `active`, with `backup` taking what `active` refuses."""
+    """Point nginx at `active`, with `backup` taking what `active` refuses.
+
+    If nginx rejects the site, the previous one is put back and nothing moves.
+    """
     site = t.settings.nginx["site_path"]
-    saved = f"{t.layout.state}/site.conf.prev"
-    t.run(plan.save_copy(site, saved), "saving the nginx site", warn=True)
-    install_system_file(t, render.nginx_site(t.settings, active, backup), site)
-    test = t.run(t.settings.nginx["test_command"], "nginx config test", warn=True)
-    if test is not None and test.failed:
-        t.run(plan.restore_copy(site, saved), "restoring the nginx site", warn=True)
+    tmp = f"{t.layout.state}/site.conf.new"
+    t.host.write(tmp, render.nginx_site(t.settings, active, backup))
+    result = t.run(plan.route(t.settings, tmp, site, f"{t.layout.state}/site.conf.prev"),
+                   "routing nginx", warn=True)
+    if result is None or result.ok:
+        return
+    output = tail(result.stdout + result.stderr)
+    if result.exited == plan.NGINX_REJECTED:
         raise DeployError("nginx rejected the configuration", t.host.name,
-                          hint="fix nginx's configuration; nothing was switched",
-                          detail=tail(test.stdout + test.stderr))
-    t.run(t.settings.nginx["reload_command"], "reloading nginx")
+                          hint="fix nginx's configuration; nothing was switched", detail=output)
+    raise DeployError(f"routing nginx failed (exit {result.exited})", t.host.name,
+                      hint="allow passwordless sudo for install and the nginx commands, "
+                           "or make the site's directory writable", detail=output)
 
 
-def switch_current(t: Target, release: str) -> None:
-    t.run(plan.switch_current(t.layout, release), "switching current")
+def publish(t: Target, old: str | None, event: str) -> None:
+    """Make the release current, keep the old one warm as nginx's backup, log it."""
+    keep = [t.release] + ([old] if old and t.settings["keep_previous_running"] else [])
+    t.run(plan.publish(t.settings, t.layout, t.release, old, keep, t.manager), "switching current")
+    t.switched = True
+    t.facts["current"] = t.release
+    audit(t, event, previous=old)
 
 
 def stop_release(t: Target, release: str | None) -> None:
     if release:
         t.run(plan.stop_server(t.settings, t.layout, release, t.manager),
               f"stopping release {release}", warn=True)
-
-
-def enable_release(t: Target, release: str) -> None:
-    t.run(plan.enable_server(t.settings, release, t.manager), "enabling the service")
 
 
 def verify_through_proxy(t: Target) -> None:

@@ -25,8 +25,10 @@ DEFAULTS: dict[str, Any] = {
     "init_command": "init-db",
     "health_path": "/",
     "health_timeout": 30,
+    "keep_previous_running": True,
     "python": "python3",
     "packages": ["gunicorn"],
+    "installer": "auto",
     "project_dir": ".",
     "known_hosts": "~/.ssh/known_hosts",
     "hosts": [],
@@ -48,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 MANAGERS = ("systemd", "pidfile")
+INSTALLERS = ("auto", "uv", "pip")
 
 
 def merge(defaults: dict, given: dict, prefix: str = "") -> dict:
@@ -142,6 +145,9 @@ def resolve(given: dict, base_dir: Path) -> Settings:
     if manager is not None and manager not in MANAGERS:
         raise DeployError(f"gunicorn.manager must be one of {', '.join(MANAGERS)}, not {manager!r}",
                           hint="fix fabric.yaml")
+    if values["installer"] not in INSTALLERS:
+        raise DeployError(f"installer must be one of {', '.join(INSTALLERS)}, not {values['installer']!r}",
+                          hint="fix fabdeploy.installer")
     if int(values["keep_releases"]) < 2:
         raise DeployError("keep_releases must be at least 2, so rollback has a target",
                           hint="fix fabdeploy.keep_releases")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 from fabric import Connection
@@ -96,7 +95,7 @@ def close_all(hosts: list[Host]) -> None:
 def run_deploy(c, conns, force=False, dry_run=False, batch=0, parallel=10, quiet=False):
     settings = settings_of(c)
     hosts = hosts_of(c, conns, settings, dry_run)
-    wheel = build_wheel(Path(settings["project_dir"]), tempfile.mkdtemp(prefix="fabdeploy-"))
+    wheel = build_wheel(Path(settings["project_dir"]))
     release = release_name()
     try:
         key = secret.new_key()
@@ -210,7 +209,7 @@ def rotate_on(key: str):
         ph.take_lock(t, "rotate-secret")
         try:
             ph.rotate_secret(t)
-            ph.reload_release(t)
+            ph.reload_releases(t)
             ph.verify_through_proxy(t)
             ph.audit(t, "rotate-secret")
         finally:
