@@ -5,13 +5,14 @@ own and imports fabdeploy's next to them: see the Collection at the end.
 """
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from invoke import Collection, task
 
-from fabdeploy import deploy, releases, rollback, unlock
+from fabdeploy import deploy, releases, rollback, rotate_secret, unlock
+from harness.local_host import LocalHost
+from harness.project import Project
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / ".demo"
@@ -43,22 +44,21 @@ def demo(c):
     (DEMO / "host").mkdir(parents=True)
     DEMO.chmod(0o755)
     (DEMO / "host").chmod(0o755)
-    out = subprocess.run([sys.executable, "-m", "harness.local_host", "start", str(DEMO / "host")],
-                         cwd=ROOT, check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    sys.path.insert(0, str(ROOT))
-    from harness.local_host import LocalHost
-
+    c.run(f"{sys.executable} -m harness.local_host start {DEMO / 'host'}", hide=True, in_stream=False)
     host = LocalHost.load(DEMO / "host")
-    project = DEMO / "guestbook"
-    shutil.copytree(ROOT / "example", project,
-                    ignore=shutil.ignore_patterns("*.egg-info", "build", "dist", "__pycache__"))
-    (project / "fabric.yaml").write_text(json.dumps(host.fabric_yaml("guestbook"), indent=2))
-    fab = Path(sys.executable).with_name("fab")
-    c.run(f"cd {project} && {fab} -H {host.host_string} deploy", in_stream=False)
-    print(f"\nThe guestbook is served at {host.url}")
-    print(f"  try: curl {host.url}   then: ./dev releases-demo, or ./dev demo-stop to remove it")
-    del out
+    print(Project(DEMO / "guestbook", host).fab("deploy").stdout)
+    print(f"The guestbook is served at {host.url}")
+    print(f"  try: curl {host.url}    remove it with: ./dev demo-stop")
+
+
+@task(help={"runs": "runs per scenario (default 5)", "fleet": "host counts, e.g. 1,5,20",
+            "write": "also write the report to this file, e.g. docs/benchmarks.md"})
+def bench(c, runs=5, fleet="1,5,20", write=""):
+    """Time fabdeploy against a hand-written fabfile on throwaway hosts; print ratios."""
+    extra = f" --write {write}" if write else ""
+    c.run(f"{sys.executable} bench/bench.py --runs {int(runs)} --fleet {fleet}{extra}",
+          pty=False, in_stream=False)
 
 
 # fabdeploy's tasks sit next to this project's own: `fab -c tasks -H host deploy`.
-ns = Collection(test, demo, demo_stop, deploy, rollback, releases, unlock)
+ns = Collection(test, demo, demo_stop, bench, deploy, rollback, releases, unlock, rotate_secret)

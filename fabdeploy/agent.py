@@ -55,12 +55,18 @@ def current_bind(root):
 
 
 def find_uv():
-    """uv on PATH, in ~/.local/bin, or where fabdeploy fetched it (see plan.fetch_uv)."""
-    for path in (shutil.which("uv"), os.path.expanduser("~/.local/bin/uv"),
-                 os.path.expanduser("~/.cache/fabdeploy/tools/bin/uv")):
+    """uv on PATH or in ~/.local/bin (the one fabdeploy ships lives in the wheelhouse)."""
+    for path in (shutil.which("uv"), os.path.expanduser("~/.local/bin/uv")):
         if path and os.access(path, os.X_OK):
             return path
     return None
+
+
+def glibc():
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").split()[1]
+    except (ValueError, OSError, IndexError, AttributeError):
+        return None
 
 
 def venv_ok():
@@ -104,6 +110,10 @@ def facts(args):
         "systemd": os.path.isdir("/run/systemd/system"),
         "uv": find_uv(),
         "python": "%d.%d" % sys.version_info[:2],
+        "machine": os.uname().machine,
+        "glibc": glibc(),
+        "wheelhouse": sorted(os.listdir(os.path.join(root, "shared", "wheelhouse")))
+        if os.path.isdir(os.path.join(root, "shared", "wheelhouse")) else [],
     }))
 
 

@@ -153,7 +153,7 @@ def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int =
                 r.each([t for t in live if not t.switched],
                                lambda t: abandon(t, "switching failed"))
                 raise summary("switch", failures, len(group))
-        r.each(live, lambda t: (r.step(t, "cleanup", ph.cleanup), ph.fetch_uv_later(t)))
+        r.each(live, lambda t: r.step(t, "cleanup", ph.cleanup))
     except KeyboardInterrupt:
         r.each([t for t in targets if not t.switched], lambda t: abandon(t, "interrupted"))
         raise DeployError("interrupted", hint="hosts that had not switched keep the old release") from None

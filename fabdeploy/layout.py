@@ -71,6 +71,18 @@ class Layout:
     def initialized(self) -> str:
         return self._join(STATE_DIR, "initialized")
 
+    @property
+    def wheelhouse(self) -> str:
+        return self._join("shared", "wheelhouse")
+
+    def uv_folder(self, uv_wheel: str) -> str:
+        """Where a shipped uv wheel is unpacked: one folder per version."""
+        return self._join(STATE_DIR, "tools", posixpath.basename(uv_wheel)[: -len(".whl")])
+
+    def uv_binary(self, uv_wheel: str) -> str:
+        version = posixpath.basename(uv_wheel).split("-")[1]
+        return posixpath.join(self.uv_folder(uv_wheel), f"uv-{version}.data", "scripts", "uv")
+
     def release(self, name: str) -> str:
         return self._join("releases", name)
 

@@ -12,7 +12,7 @@ import json
 import socket
 from dataclasses import dataclass, field
 
-from . import plan, render, secret
+from . import plan, render, secret, wheelhouse
 from .build import Wheel
 from .errors import DeployError, tail
 from .layout import Layout, Release, previous_release, releases_to_remove
@@ -38,6 +38,8 @@ class Target:
     unchanged: bool = False    # the same wheel is already current
     bind: str = ""             # where the release being activated listens
     secret_key: str = field(default="", repr=False)  # never shown, not even in a repr
+    installer: plan.Installer | None = None
+    wheels: list = field(default_factory=list)       # local paths of the dependencies' wheels
 
     @property
     def manager(self) -> str:
@@ -135,35 +137,48 @@ def check_server(t: Target) -> None:
 
 
 def upload(t: Target) -> None:
+    """The app's wheel into the release; the dependencies' wheels the host lacks."""
     t.run(plan.make_release_dir(t.layout, t.release), "creating the release directory")
     t.host.put(str(t.wheel.path), f"{t.layout.release(t.release)}/{t.wheel.filename}")
+    t.installer = choose_installer(t)
+    if t.installer.wheelhouse:
+        have = set(t.facts.get("wheelhouse", []))
+        for path in t.wheels:
+            shipped_uv_unused = path.name.startswith("uv-") and not t.installer.uv_wheel
+            if path.name not in have and not shipped_uv_unused:
+                t.host.put(str(path), f"{t.layout.wheelhouse}/{path.name}", atomic=True)
 
 
-def uv(t: Target) -> str | None:
-    """The server's uv, where the installer setting allows it."""
-    installer = t.settings["installer"]
-    found = t.facts.get("uv")
-    if installer == "uv" and not found:
-        raise DeployError("installer is uv, but the server has no uv", t.host.name,
-                          hint="install uv there, or set installer: auto")
-    return found if installer in ("auto", "uv") else None
+def choose_installer(t: Target) -> plan.Installer:
+    """uv if the server has it or we ship it, else pip; from the wheelhouse if enabled."""
+    python, mode = t.settings["python"], t.settings["installer"]
+    server_uv = t.facts.get("uv") if mode in ("auto", "uv") else None
+    if not t.settings["wheelhouse"]:
+        if mode == "uv" and not server_uv:
+            raise DeployError("installer is uv, but the server has no uv", t.host.name,
+                              hint="install uv there, enable the wheelhouse, or set installer: auto")
+        return plan.Installer(python, uv=server_uv)
+    t.wheels = wheelhouse.fetch(t.wheel, list(t.settings["packages"]),
+                                wheelhouse.platform_of(t.facts))
+    house = t.layout.wheelhouse
+    pip_wheel = wheelhouse.tool_wheel(t.wheels, "pip")
+    uv_wheel = wheelhouse.tool_wheel(t.wheels, "uv")
+    if server_uv or mode == "pip" or uv_wheel is None:
+        return plan.Installer(python, uv=server_uv, wheelhouse=house,
+                              pip_wheel=f"{house}/{pip_wheel.name}")
+    shipped = f"{house}/{uv_wheel.name}"
+    return plan.Installer(python, uv=t.layout.uv_binary(shipped), uv_wheel=shipped, wheelhouse=house)
 
 
 def create_venv(t: Target) -> None:
-    t.run(plan.create_venv(t.settings, t.layout, t.release, uv(t)), "creating the venv",
+    t.run(plan.create_venv(t.installer, t.layout, t.release), "creating the venv",
           hint="is python3-venv installed?")
 
 
 def install(t: Target) -> None:
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
-    t.run(plan.install(t.layout, t.release, wheel, list(t.settings["packages"]), uv(t)),
+    t.run(plan.install(t.installer, t.layout, t.release, wheel, list(t.settings["packages"])),
           "installing the wheel")
-
-
-def fetch_uv_later(t: Target) -> None:
-    """After going live: get uv for the next deploys, if they would want it."""
-    if t.settings["installer"] == "auto" and not t.facts.get("uv"):
-        t.run(plan.fetch_uv(t.settings), "starting to fetch uv", warn=True)
 
 
 def link_instance(t: Target) -> None:

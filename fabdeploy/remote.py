@@ -114,12 +114,18 @@ class Host:
             self._sftp = self.conn.sftp()
         return self._sftp
 
-    def put(self, local: str, remote: str) -> None:
+    def put(self, local: str, remote: str, atomic: bool = False) -> None:
+        """Upload a file; atomic: under a temporary name, then renamed into place."""
         if self.dry_run:
             self.say(f"[{self.name}] would upload: {local} -> {remote}")
             return
         with self.transfer(f"uploading to {remote}"):
-            self.sftp().put(local, remote)
+            if not atomic:
+                self.sftp().put(local, remote)
+                return
+            tmp = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.part")
+            self.sftp().put(local, tmp)
+            self.sftp().posix_rename(tmp, remote)
 
     @contextlib.contextmanager
     def transfer(self, what: str):

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "python": "python3",
     "packages": ["gunicorn"],
     "installer": "auto",
+    "wheelhouse": True,
     "project_dir": ".",
     "known_hosts": "~/.ssh/known_hosts",
     "hosts": [],

@@ -1,0 +1,103 @@
+"""The dependencies' wheels, fetched here for the server's platform and shipped.
+
+Servers then install with --no-index: no internet needed there, nothing
+resolved twice, and the same versions on every host. The wheelhouse is
+cached per set of requirements and platform, so a code-only change reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .build import Wheel, cache_dir
+from .errors import DeployError, tail
+
+TOOLS = ("pip", "uv")  # shipped too: pip to install, uv to install fast
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What a server's Python accepts: its version, machine and glibc."""
+
+    python: str          # "3.11"
+    machine: str         # "x86_64"
+    glibc: tuple[int, int] | None
+
+    def pip_options(self) -> list[str]:
+        digits = self.python.replace(".", "")
+        options = ["--python-version", self.python, "--implementation", "cp", "--abi", f"cp{digits}"]
+        for tag in self.platform_tags():
+            options += ["--platform", tag]
+        return options
+
+    def platform_tags(self) -> list[str]:
+        newest = self.glibc[1] if self.glibc and self.glibc[0] == 2 else 17
+        tags = [f"manylinux_2_{minor}_{self.machine}" for minor in range(newest, 16, -1)]
+        if self.machine in ("x86_64", "i686", "aarch64", "ppc64le", "s390x"):
+            tags.append(f"manylinux2014_{self.machine}")
+        return tags
+
+
+def platform_of(facts: dict) -> Platform:
+    glibc = None
+    if facts.get("glibc"):
+        major, _, minor = facts["glibc"].partition(".")
+        if major.isdigit() and minor.isdigit():
+            glibc = (int(major), int(minor))
+    return Platform(facts["python"], facts.get("machine") or "x86_64", glibc)
+
+
+def requires(wheel: Wheel) -> list[str]:
+    """The app's Requires-Dist lines, from the wheel's METADATA."""
+    with zipfile.ZipFile(wheel.path) as zf:
+        name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        text = zf.read(name).decode()
+    return sorted(line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("Requires-Dist:"))
+
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def fetch(wheel: Wheel, packages: list[str], platform: Platform, cache: Path | None = None) -> list[Path]:
+    """The wheels the app and packages need on `platform`, from the cache or pip download."""
+    key = hashlib.sha256(repr((requires(wheel), sorted(packages), platform)).encode()).hexdigest()[:32]
+    folder = (cache or cache_dir().parent / "wheelhouses") / key
+    with _locks_guard:
+        lock = _locks.setdefault(key, threading.Lock())
+    with lock:  # hosts with the same platform fetch once
+        if not (folder / "COMPLETE").exists():
+            download(wheel, packages, platform, folder)
+    return sorted(folder.glob("*.whl"))
+
+
+def download(wheel: Wheel, packages: list[str], platform: Platform, folder: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-wheels-"))
+    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+            "--only-binary=:all:", "--dest", str(tmp), *platform.pip_options(),
+            str(wheel.path), *packages, *TOOLS]
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DeployError(f"fetching the dependencies' wheels for Python {platform.python} on "
+                          f"{platform.machine} failed", host="local",
+                          hint="every dependency needs a wheel for the server; or set "
+                               "wheelhouse: false to let the server install from PyPI",
+                          detail=tail(result.stdout + result.stderr))
+    (tmp / wheel.filename).unlink(missing_ok=True)  # the app's own wheel travels on its own
+    (tmp / "COMPLETE").write_text("")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.move(str(tmp), str(folder))  # COMPLETE arrives with the rest, never before
+
+
+def tool_wheel(wheels: list[Path], name: str) -> Path | None:
+    return next((w for w in wheels if w.name.split("-")[0].lower() == name), None)
