@@ -5,8 +5,8 @@ In a tasks.py:    from fabdeploy import deploy, rollback, releases, unlock, rota
 """
 from invoke import Collection
 
-from .tasks import deploy, releases, rollback, rotate_secret, unlock
+from .tasks import deploy, provision, releases, rollback, rotate_secret, unlock
 
-ns = Collection(deploy, rollback, releases, unlock, rotate_secret)
+ns = Collection(deploy, rollback, releases, unlock, rotate_secret, provision)
 
-__all__ = ["ns", "deploy", "rollback", "releases", "unlock", "rotate_secret"]
+__all__ = ["ns", "deploy", "rollback", "releases", "unlock", "rotate_secret", "provision"]

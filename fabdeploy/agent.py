@@ -137,7 +137,11 @@ def get_status(args):
         conn = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
         conn.request("GET", args.path, headers={"Host": args.host_header})
-        return conn.getresponse().status
+        response = conn.getresponse()
+        served = response.getheader("X-Fabdeploy-Release")
+        if args.release and served != args.release:
+            return "X-Fabdeploy-Release is %r, not %r" % (served, args.release)
+        return response.status
     except (OSError, http.client.HTTPException) as exc:
         return "%s: %s" % (type(exc).__name__, exc)
     finally:
@@ -198,6 +202,7 @@ def main(argv):
     p.add_argument("--timeout", type=float, default=30)
     p.add_argument("--pid-file")
     p.add_argument("--unit")
+    p.add_argument("--release", help="expect nginx's X-Fabdeploy-Release header to say this")
     args = parser.parse_args(argv)
     if args.command == "facts":
         return facts(args)

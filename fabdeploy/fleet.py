@@ -118,12 +118,12 @@ def go_live(t: Target, r: Reporter, event: str) -> None:
     if t.wheel is not None:
         # Only now is the release complete: one killed earlier is never a rollback target.
         ph.record_release(t)
-    r.step(t, "route", ph.route_traffic, t.bind, old_bind)
+    r.step(t, "route", ph.route_traffic, t.release, t.bind, old_bind)
     try:
         r.step(t, "verify", ph.verify_through_proxy)
     except DeployError:
         if old_bind:
-            ph.route_traffic(t, old_bind, None)
+            ph.route_traffic(t, old, old_bind, None)
             r.line(f"[{t.host.name}] switched back to {old}: the new release failed through nginx",
                    always=True)
         raise

@@ -281,14 +281,14 @@ def healthy(t: Target, release: str) -> None:
 
 # -- switching --------------------------------------------------------------
 
-def route_traffic(t: Target, active: str, backup: str | None) -> None:
+def route_traffic(t: Target, release: str, active: str, backup: str | None) -> None:
     """Point nginx at `active`, with `backup` taking what `active` refuses.
 
     If nginx rejects the site, the previous one is put back and nothing moves.
     """
     site = t.settings.nginx["site_path"]
     tmp = f"{t.layout.state}/site.conf.new"
-    t.host.write(tmp, render.nginx_site(t.settings, active, backup))
+    t.host.write(tmp, render.nginx_site(t.settings, release, active, backup))
     result = t.run(plan.route(t.settings, tmp, site, f"{t.layout.state}/site.conf.prev"),
                    "routing nginx", warn=True)
     if result is None or result.ok:
@@ -318,9 +318,17 @@ def stop_release(t: Target, release: str | None) -> None:
 
 
 def verify_through_proxy(t: Target) -> None:
-    result = t.run(plan.health_via_proxy(t.settings, 10), "health check through nginx", warn=True)
-    if result is not None and result.failed:
-        raise DeployError(f"health check through nginx failed: {result.stdout.strip()}", t.host.name)
+    """The health path through nginx answers 2xx, from the release we switched to."""
+    result = t.run(plan.health_via_proxy(t.settings, t.release, 10), "health check through nginx",
+                   warn=True)
+    if result is None or result.ok:
+        return
+    answer = result.stdout.strip()
+    hint = None
+    if "X-Fabdeploy-Release" in answer:
+        hint = ("another nginx server answers for this name, e.g. Debian's stock 'default' site: "
+                "remove it (fab provision does) or set nginx.server_name")
+    raise DeployError(f"health check through nginx failed: {answer}", t.host.name, hint=hint)
 
 
 def cleanup(t: Target, keep_also: str | None = None) -> list[str]:

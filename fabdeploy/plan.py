@@ -208,12 +208,13 @@ def health(settings: Settings, layout: Layout, release: str, bind: str, manager:
                  "--path", settings["health_path"], "--timeout", timeout)
 
 
-def health_via_proxy(settings: Settings, timeout: float) -> str:
-    """Probe through nginx, as a visitor would reach the app."""
+def health_via_proxy(settings: Settings, release: str, timeout: float) -> str:
+    """Probe through nginx, as a visitor would, expecting the release's stamp."""
     nginx = settings.nginx
     host = "localhost" if nginx["server_name"] in ("_", "") else nginx["server_name"].split()[0]
     return agent(settings["python"], "health", "--tcp", f"127.0.0.1:{nginx['listen']}",
-                 "--host-header", host, "--path", settings["health_path"], "--timeout", timeout)
+                 "--host-header", host, "--path", settings["health_path"], "--timeout", timeout,
+                 "--release", release)
 
 
 def as_owner(directory: str, command: str) -> str:

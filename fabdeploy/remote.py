@@ -41,12 +41,17 @@ class Host:
     # -- connecting ---------------------------------------------------------
 
     def connect(self) -> None:
-        """Open the connection, refusing any host key known_hosts does not vouch for."""
-        client = self.conn.client
+        """Open the connection, refusing any host key known_hosts does not vouch for.
+
+        A gateway (ProxyJump, or Fabric's `gateway`) is held to the same rule.
+        """
         path = self._known_hosts_path()
-        if os.path.exists(path):
-            client.load_host_keys(path)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        hop = self.conn
+        while hop is not None and hasattr(hop, "client"):
+            if os.path.exists(path):
+                hop.client.load_host_keys(path)
+            hop.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            hop = hop.gateway if not isinstance(hop.gateway, str) else None
         if self.conn.connect_timeout is None:
             self.conn.connect_timeout = 15
         try:

@@ -20,12 +20,12 @@ def upstream_name(app: str) -> str:
     return "fabdeploy_" + re.sub(r"\W", "_", app)
 
 
-def nginx_site(settings: Settings, active_bind: str, backup_bind: str | None) -> str:
+def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
     nginx = settings.nginx
     # gunicorn's bind syntax (unix:/x.sock, or host:port) is nginx's too.
     backup = f"    server {backup_bind} backup max_fails=0;\n" if backup_bind else ""
     return render("nginx-site.conf", app=settings.app, upstream=upstream_name(settings.app),
-                  active=active_bind, backup=backup,
+                  release=release, active=active_bind, backup=backup,
                   listen=nginx["listen"], server_name=nginx["server_name"])
 
 

@@ -32,7 +32,6 @@ DEFAULTS: dict[str, Any] = {
     "wheelhouse": True,
     "project_dir": ".",
     "known_hosts": "~/.ssh/known_hosts",
-    "hosts": [],
     "gunicorn": {
         "manager": None,
         "bind": None,
@@ -40,6 +39,11 @@ DEFAULTS: dict[str, Any] = {
         "timeout": 30,
         "graceful_timeout": 20,
         "group": "www-data",
+    },
+    "provision": {
+        "user": "deploy",
+        "public_key": None,
+        "packages": ["nginx", "python3", "python3-venv", "sudo"],
     },
     "nginx": {
         "listen": 80,
@@ -100,14 +104,70 @@ def project_name(project_dir: Path) -> str:
                           hint="add it, or set fabdeploy.app") from None
 
 
+def overlay(base: dict, extra: dict) -> dict:
+    """Nested dicts merged without validation (that happens once, in derive)."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = overlay(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def split_host(spec: str) -> tuple[str | None, str, int | None]:
+    """user@host:port -> (user, host, port); missing parts are None."""
+    user, _, rest = spec.rpartition("@")
+    host, _, port = rest.partition(":")
+    return user or None, host, int(port) if port.isdigit() else None
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One host from `hosts` (or a stage's): its address and its own settings."""
+
+    spec: str
+    overrides: dict
+
+    def matches(self, user: str | None, host: str, port: int | None) -> bool:
+        e_user, e_host, e_port = split_host(self.spec)
+        return e_host == host and e_user in (None, user) and e_port in (None, port)
+
+
+def host_entries(raw: list) -> list[HostEntry]:
+    entries = []
+    for item in raw or []:
+        if isinstance(item, str):
+            entries.append(HostEntry(item, {}))
+        elif isinstance(item, dict) and isinstance(item.get("host"), str):
+            overrides = {k: v for k, v in item.items() if k != "host"}
+            merge(DEFAULTS, overrides, prefix=f"hosts[{item['host']}].")  # validate early
+            entries.append(HostEntry(item["host"], overrides))
+        else:
+            raise DeployError(f"each of fabdeploy.hosts must be 'user@host' or a mapping with "
+                              f"a 'host' key, not {item!r}", hint="fix fabric.yaml")
+    return entries
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved settings for one invocation: every value known but the host's."""
 
     values: dict
+    hosts: tuple = ()        # HostEntry for each configured host
+    raw: dict | None = None  # what the user gave, for per-host overrides
+    base_dir: Path | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
+
+    def for_host(self, user: str | None, host: str, port: int | None) -> "Settings":
+        """These settings with the host's own overrides, if `hosts` gives any."""
+        entry = next((e for e in self.hosts if e.matches(user, host, port)), None)
+        if entry is None or not entry.overrides:
+            return self
+        return Settings(derive(overlay(self.raw, entry.overrides), self.base_dir),
+                        self.hosts, self.raw, self.base_dir)
 
     @property
     def app(self) -> str:
@@ -126,9 +186,28 @@ class Settings:
         return self.values["nginx"]
 
 
-def resolve(given: dict, base_dir: Path) -> Settings:
-    """Validate the user's `fabdeploy` settings and fill in derived defaults."""
-    values = merge(DEFAULTS, plain(given or {}))
+def resolve(given: dict, base_dir: Path, stage: str | None = None) -> Settings:
+    """Validate the user's `fabdeploy` settings and fill in derived defaults.
+
+    `hosts` lists hosts (each may carry its own settings); `stages` names
+    sets of hosts and settings, chosen with --stage.
+    """
+    raw = plain(given or {})
+    stages = raw.pop("stages", {}) or {}
+    hosts = raw.pop("hosts", []) or []
+    if stage:
+        if stage not in stages:
+            close = difflib.get_close_matches(stage, list(stages), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"stages are: {', '.join(stages) or 'none'}"
+            raise DeployError(f"no stage {stage!r} in fabdeploy.stages", hint=hint)
+        chosen = dict(stages[stage])
+        hosts = chosen.pop("hosts", hosts)
+        raw = overlay(raw, chosen)
+    return Settings(derive(raw, base_dir), tuple(host_entries(hosts)), raw, base_dir)
+
+
+def derive(raw: dict, base_dir: Path) -> dict:
+    values = merge(DEFAULTS, raw)
     project_dir = (base_dir / os.path.expanduser(values["project_dir"])).resolve()
     values["project_dir"] = str(project_dir)
     if not values["app"]:
@@ -152,4 +231,4 @@ def resolve(given: dict, base_dir: Path) -> Settings:
     if int(values["keep_releases"]) < 2:
         raise DeployError("keep_releases must be at least 2, so rollback has a target",
                           hint="fix fabdeploy.keep_releases")
-    return Settings(values)
+    return values

@@ -17,7 +17,7 @@ from fabric import Connection
 from invoke import Task, task
 from invoke.exceptions import Exit
 
-from . import fleet, secret
+from . import fleet, provisioning, secret
 from . import phases as ph
 from .build import build_wheel
 from .errors import DeployError
@@ -51,10 +51,10 @@ def friendly(fn):
     return wrapper
 
 
-def settings_of(c) -> Settings:
+def settings_of(c, stage: str | None = None) -> Settings:
     """The `fabdeploy` settings, paths relative to the fabfile's directory."""
     base = getattr(c.config, "_project_prefix", None) or os.getcwd()
-    return resolve(c.config.get("fabdeploy", {}), Path(base))
+    return resolve(c.config.get("fabdeploy", {}), Path(base), stage)
 
 
 def collect(c, name: str, options: dict) -> bool:
@@ -76,46 +76,55 @@ def finish(name: str, action) -> Task:
     return Task(run_collected)
 
 
-def hosts_of(c, conns: list, settings: Settings, dry_run: bool = False) -> list[Host]:
+def targets_of(c, conns: list, settings: Settings, dry_run: bool = False, **fields) -> list[ph.Target]:
+    """One Target per host (-H, else the configured hosts), each with its own settings."""
     if not conns:
-        if not settings["hosts"]:
-            raise DeployError("no host given", hint="pass -H user@host, or set fabdeploy.hosts")
-        conns = [Connection(h, config=c.config) for h in settings["hosts"]]
-    return [Host(conn, settings["known_hosts"], dry_run=dry_run) for conn in conns]
+        if not settings.hosts:
+            raise DeployError("no host given",
+                              hint="pass -H user@host, or set fabdeploy.hosts (or stages and --stage)")
+        conns = [Connection(entry.spec, config=c.config) for entry in settings.hosts]
+    targets = []
+    for conn in conns:
+        own = settings.for_host(conn.user, conn.host, conn.port)
+        targets.append(ph.Target(Host(conn, own["known_hosts"], dry_run=dry_run), own, **fields))
+    return targets
 
 
-def close_all(hosts: list[Host]) -> None:
-    for host in hosts:
-        host.close()
+def close_all(targets: list[ph.Target]) -> None:
+    for t in targets:
+        t.host.close()
 
 
 # -- deploy -----------------------------------------------------------------
 
 @friendly
-def run_deploy(c, conns, force=False, dry_run=False, batch=0, parallel=10, quiet=False):
-    settings = settings_of(c)
-    hosts = hosts_of(c, conns, settings, dry_run)
+def run_deploy(c, conns, force=False, dry_run=False, batch=0, parallel=10, quiet=False, stage=None):
+    settings = settings_of(c, stage)
     wheel = build_wheel(Path(settings["project_dir"]))
-    release = release_name()
+    targets = targets_of(c, conns, settings, dry_run, release=release_name(), wheel=wheel,
+                         secret_key=secret.new_key())
     try:
-        key = secret.new_key()
-        targets = [ph.Target(h, settings, release=release, wheel=wheel, secret_key=key) for h in hosts]
         fleet.deploy(targets, fleet.Reporter(quiet, parallel=parallel), force=force,
                      batch=int(batch))
     finally:
-        close_all(hosts)
+        close_all(targets)
 
 
-@task(post=[finish("deploy", run_deploy)], help={
+STAGE_HELP = "use the hosts and settings of this stage (fabdeploy.stages)"
+
+
+@task(auto_shortflags=False, post=[finish("deploy", run_deploy)], help={
+    "stage": STAGE_HELP,
     "force": "deploy even if the same wheel is already current",
     "dry-run": "print what would be done; change nothing",
     "batch": "switch this many hosts at a time (default: all at once)",
     "parallel": "work on at most this many hosts at once (default 10)",
     "quiet": "print only the outcome",
 })
-def deploy(c, force=False, dry_run=False, batch=0, parallel=10, quiet=False):
+def deploy(c, force=False, dry_run=False, batch=0, parallel=10, quiet=False, stage=None):
     """Build the wheel, install it as a new release, and switch to it when healthy."""
-    options = dict(force=force, dry_run=dry_run, batch=batch, parallel=parallel, quiet=quiet)
+    options = dict(force=force, dry_run=dry_run, batch=batch, parallel=parallel, quiet=quiet,
+                   stage=stage)
     if not collect(c, "deploy", options):
         run_deploy(c, [], **options)
 
@@ -123,42 +132,39 @@ def deploy(c, force=False, dry_run=False, batch=0, parallel=10, quiet=False):
 # -- rollback ---------------------------------------------------------------
 
 @friendly
-def run_rollback(c, conns, release=None, parallel=10, quiet=False):
-    settings = settings_of(c)
-    hosts = hosts_of(c, conns, settings)
+def run_rollback(c, conns, release=None, parallel=10, quiet=False, stage=None):
+    targets = targets_of(c, conns, settings_of(c, stage))
     try:
-        targets = [ph.Target(h, settings) for h in hosts]
         fleet.rollback(targets, fleet.Reporter(quiet, parallel=parallel), release=release)
     finally:
-        close_all(hosts)
+        close_all(targets)
 
 
-@task(post=[finish("rollback", run_rollback)], help={
+@task(auto_shortflags=False, post=[finish("rollback", run_rollback)], help={
+    "stage": STAGE_HELP,
     "release": "the release to return to (default: the one before current)",
     "parallel": "work on at most this many hosts at once (default 10)",
     "quiet": "print only the outcome",
 })
-def rollback(c, release=None, parallel=10, quiet=False):
+def rollback(c, release=None, parallel=10, quiet=False, stage=None):
     """Switch back to the previous release, or to --release NAME."""
-    options = dict(release=release, parallel=parallel, quiet=quiet)
+    options = dict(release=release, parallel=parallel, quiet=quiet, stage=stage)
     if not collect(c, "rollback", options):
         run_rollback(c, [], **options)
 
 
 # -- the small tasks: one host after another ---------------------------------
 
-def each_host(c, conns, work) -> None:
+def each_host(c, conns, work, stage=None) -> None:
     """Connect to each host, read its facts, and run work(target) there."""
-    settings = settings_of(c)
-    hosts = hosts_of(c, conns, settings)
+    targets = targets_of(c, conns, settings_of(c, stage))
     try:
-        for host in hosts:
-            t = ph.Target(host, settings)
+        for t in targets:
             ph.connect(t)
             ph.read_facts(t)
             work(t)
     finally:
-        close_all(hosts)
+        close_all(targets)
 
 
 def release_table(t: ph.Target) -> str:
@@ -177,11 +183,16 @@ def show_releases(t: ph.Target) -> None:
     print(release_table(t) if t.releases else "  no releases yet")
 
 
-@task(post=[finish("releases", friendly(lambda c, conns: each_host(c, conns, show_releases)))])
-def releases(c):
+def on_each_host(work):
+    """A task body that runs work on each host, in turn."""
+    return friendly(lambda c, conns, stage=None: each_host(c, conns, work, stage))
+
+
+@task(auto_shortflags=False, post=[finish("releases", on_each_host(show_releases))], help={"stage": STAGE_HELP})
+def releases(c, stage=None):
     """List the releases on each host: the current one marked, failed ones flagged."""
-    if not collect(c, "releases", {}):
-        friendly(each_host)(c, [], show_releases)
+    if not collect(c, "releases", {"stage": stage}):
+        on_each_host(show_releases)(c, [], stage)
 
 
 def remove_lock(t: ph.Target) -> None:
@@ -196,11 +207,11 @@ def remove_lock(t: ph.Target) -> None:
           f" ({lock.get('what', '?')}, {lock.get('age', 0):.0f}s old)")
 
 
-@task(post=[finish("unlock", friendly(lambda c, conns: each_host(c, conns, remove_lock)))])
-def unlock(c):
+@task(auto_shortflags=False, post=[finish("unlock", on_each_host(remove_lock))], help={"stage": STAGE_HELP})
+def unlock(c, stage=None):
     """Remove a deploy lock left behind, e.g. by a deploy that was killed."""
-    if not collect(c, "unlock", {}):
-        friendly(each_host)(c, [], remove_lock)
+    if not collect(c, "unlock", {"stage": stage}):
+        on_each_host(remove_lock)(c, [], stage)
 
 
 def rotate_on(key: str):
@@ -218,12 +229,50 @@ def rotate_on(key: str):
     return rotate
 
 
-def run_rotate(c, conns):
-    each_host(c, conns, rotate_on(secret.new_key()))
+@friendly
+def run_rotate(c, conns, stage=None):
+    each_host(c, conns, rotate_on(secret.new_key()), stage)
 
 
-@task(name="rotate-secret", post=[finish("rotate-secret", friendly(run_rotate))])
-def rotate_secret(c):
+@task(name="rotate-secret", auto_shortflags=False, post=[finish("rotate-secret", run_rotate)], help={"stage": STAGE_HELP})
+def rotate_secret(c, stage=None):
     """Replace SECRET_KEY; the old key stays a fallback, so sessions survive."""
-    if not collect(c, "rotate-secret", {}):
-        friendly(run_rotate)(c, [])
+    if not collect(c, "rotate-secret", {"stage": stage}):
+        run_rotate(c, [], stage)
+
+
+# -- provision --------------------------------------------------------------
+
+def provision_host(t: ph.Target) -> None:
+    """Run each provisioning step that is not done yet; say what changed."""
+    uid = t.run("id -u", "reading the user", query=True).stdout.strip()
+    sudo = "" if uid == "0" else "sudo -n "
+    user = t.settings["provision"]["user"]
+    key = provisioning.public_key(t.settings, t.host.conn.connect_kwargs.get("key_filename"))
+    changed = 0
+    for step in provisioning.steps(t.settings, user, key):
+        result = t.run(step.command(sudo), f"provisioning {step.name}",
+                       hint="provision needs root, or passwordless sudo")
+        state = result.stdout.strip().splitlines()[-1] if result else "would check"
+        changed += state == "changed"
+        print(f"[{t.host.name}] {state:<10} {step.name}", flush=True)
+    print(f"[{t.host.name}] " + (f"{changed} step(s) changed" if changed else "nothing to change"))
+
+
+@friendly
+def run_provision(c, conns, stage=None, dry_run=False):
+    targets = targets_of(c, conns, settings_of(c, stage), dry_run)
+    try:
+        for t in targets:
+            ph.connect(t)
+            provision_host(t)
+    finally:
+        close_all(targets)
+
+
+@task(auto_shortflags=False, post=[finish("provision", run_provision)],
+      help={"stage": STAGE_HELP, "dry-run": "print the steps' commands; change nothing"})
+def provision(c, stage=None, dry_run=False):
+    """Prepare a fresh server (as root): nginx, python3-venv, a deploy user with narrow sudo."""
+    if not collect(c, "provision", {"stage": stage, "dry_run": dry_run}):
+        run_provision(c, [], stage, dry_run)

@@ -59,7 +59,8 @@ class Project:
     def fab(self, *args: str, check: bool = True, timeout: float = 300,
             hosts: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run the real `fab` CLI in the project, as a user would."""
-        argv = [FAB, "-H", hosts or self.host.host_string, *args]
+        hosts = self.host.host_string if hosts is None else hosts
+        argv = [FAB, *(["-H", hosts] if hosts else []), *args]
         result = subprocess.run(argv, cwd=self.path, capture_output=True, text=True,
                                 stdin=subprocess.DEVNULL, timeout=timeout,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})

@@ -146,11 +146,11 @@ def test_health_probe_targets_the_release_socket_and_watches_its_process():
 
 def test_nginx_site_keeps_the_old_release_as_backup_only_during_a_switch():
     s = settings(nginx={"listen": 8080, "server_name": "example.com"})
-    site = render.nginx_site(s, "unix:/new.sock", "unix:/old.sock")
+    site = render.nginx_site(s, "R2", "unix:/new.sock", "unix:/old.sock")
     assert "server unix:/new.sock max_fails=0;" in site
     assert "server unix:/old.sock backup max_fails=0;" in site
     assert "listen 8080;" in site and "server_name example.com;" in site
-    assert "backup" not in render.nginx_site(s, "unix:/new.sock", None).split("upstream")[-1].split("}")[0]
+    assert "backup" not in render.nginx_site(s, "R2", "unix:/new.sock", None).split("upstream")[-1].split("}")[0]
 
 
 def test_gunicorn_conf_binds_explicitly_and_is_valid_python():
@@ -169,3 +169,31 @@ def test_systemd_unit_runs_as_the_deploy_user_hardened():
     for line in ("User=deploy", "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectSystem=strict",
                  "UnsetEnvironment=PORT", "WantedBy=multi-user.target"):
         assert line in unit
+
+
+# -- hosts and stages -------------------------------------------------------
+
+def test_hosts_carry_their_own_settings():
+    s = settings(hosts=["deploy@web1", {"host": "deploy@web2:2222", "nginx": {"listen": 8081}}])
+    assert [e.spec for e in s.hosts] == ["deploy@web1", "deploy@web2:2222"]
+    assert s.for_host("deploy", "web1", 22).nginx["listen"] == 80
+    web2 = s.for_host("deploy", "web2", 2222)
+    assert web2.nginx["listen"] == 8081
+    assert web2.nginx["test_command"] == "sudo nginx -t"  # the rest keep their defaults
+
+
+def test_a_misspelt_per_host_key_is_named():
+    with pytest.raises(DeployError, match=r"hosts\[web2\]\.nginx\.lisen"):
+        settings(hosts=[{"host": "web2", "nginx": {"lisen": 1}}])
+
+
+def test_stages_choose_hosts_and_settings():
+    given = {"keep_releases": 3, "stages": {
+        "staging": {"hosts": ["deploy@stage1"], "health_path": "/ping"},
+        "production": {"hosts": ["deploy@web1", "deploy@web2"]}}}
+    staging = resolve(given, EXAMPLE, "staging")
+    assert [e.spec for e in staging.hosts] == ["deploy@stage1"]
+    assert staging["health_path"] == "/ping" and staging["keep_releases"] == 3
+    assert len(resolve(given, EXAMPLE, "production").hosts) == 2
+    with pytest.raises(DeployError, match="did you mean 'staging'"):
+        resolve(given, EXAMPLE, "stagin")
