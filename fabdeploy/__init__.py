@@ -5,8 +5,8 @@ In a tasks.py:    from fabdeploy import deploy, rollback, releases, unlock, rota
 """
 from invoke import Collection
 
-from .tasks import deploy, provision, releases, rollback, rotate_secret, unlock
+from .tasks import deploy, logs, provision, releases, rollback, rotate_secret, status, unlock
 
-ns = Collection(deploy, rollback, releases, unlock, rotate_secret, provision)
+ns = Collection(deploy, rollback, releases, status, logs, unlock, rotate_secret, provision)
 
-__all__ = ["ns", "deploy", "rollback", "releases", "unlock", "rotate_secret", "provision"]
+__all__ = ["ns", "deploy", "rollback", "releases", "status", "logs", "unlock", "rotate_secret", "provision"]

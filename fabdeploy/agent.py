@@ -109,6 +109,7 @@ def facts(args):
         "venv_ok": venv_ok(),
         "systemd": os.path.isdir("/run/systemd/system"),
         "uv": find_uv(),
+        "nginx": shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"),
         "python": "%d.%d" % sys.version_info[:2],
         "machine": os.uname().machine,
         "glibc": glibc(),

@@ -27,17 +27,21 @@ class Reporter:
     of phases, runs everywhere.
     """
 
-    def __init__(self, quiet: bool = False, out=None, parallel: int = 10):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, out=None, parallel: int = 10, json_out: bool = False):
+        self.quiet = quiet or json_out
+        self.json_out = json_out
         self.out = out or sys.stdout
         self.parallel = max(1, int(parallel))
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.timings: dict[str, dict[str, float]] = {}
         # A test hook: stop before this phase, so a test can kill us there.
         self.pause_before = os.environ.get("FABDEPLOY_PAUSE_BEFORE")
 
     def line(self, text: str, always: bool = False) -> None:
-        if always or not self.quiet:
+        """A phase line (not with -q), or an outcome (`always`; not with --json)."""
+        if (always and not self.json_out) or not self.quiet:
             with self._lock:
                 print(text, file=self.out, flush=True)
 
@@ -51,7 +55,25 @@ class Reporter:
         try:
             return fn(t, *args)
         finally:
-            self.line(f"[{t.host.name}] {name:<16} {time.monotonic() - started:6.2f}s")
+            took = time.monotonic() - started
+            with self._lock:
+                self.timings.setdefault(t.host.name, {})[name] = round(took, 3)
+            self.line(f"[{t.host.name}] {name:<16} {took:6.2f}s")
+
+    def result(self, action: str, targets: list[Target], error: DeployError | None) -> dict:
+        """What happened, for --json: per host, the outcome and each phase's seconds."""
+        failed = {}
+        if error is not None:
+            for line in [error.line(), *(error.detail or "").splitlines()]:
+                for t in targets:
+                    if t.host.name in line:
+                        failed.setdefault(t.host.name, line.strip(" |"))
+        hosts = [{"host": t.host.name, "release": t.release or None, "switched": t.switched,
+                  "unchanged": t.unchanged, "error": failed.get(t.host.name),
+                  "phases": self.timings.get(t.host.name, {})} for t in targets]
+        return {"action": action, "ok": error is None, "error": error.line() if error else None,
+                "release": targets[0].release if targets else None, "hosts": hosts,
+                "seconds": round(time.monotonic() - self.started, 3)}
 
     def each(self, targets: list[Target], work: Callable[[Target], None]) -> dict:
         """Run work on every target in threads; return {target: DeployError} for failures."""
@@ -159,10 +181,12 @@ def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int =
         raise DeployError("interrupted", hint="hosts that had not switched keep the old release") from None
     finally:
         r.each(targets, ph.release_lock)
-    if live:
-        hosts = ", ".join(t.host.name for t in live)
-        r.line(f"deployed {live[0].release} to {hosts} in {time.monotonic() - started:.1f}s",
-               always=True)
+    hosts = ", ".join(t.host.name for t in live)
+    took = f"{time.monotonic() - started:.1f}s"
+    if live and targets[0].host.dry_run:
+        r.line(f"dry run: would deploy {live[0].release} to {hosts}; nothing was changed", always=True)
+    elif live and not r.json_out:
+        r.line(f"deployed {live[0].release} to {hosts} in {took}", always=True)
 
 
 # -- rollback ---------------------------------------------------------------
@@ -204,8 +228,9 @@ def rollback(targets: list[Target], r: Reporter, release: str | None = None) -> 
             failures = r.each(targets, lambda t: go_live(t, r, "rollback"))
         if failures:
             raise summary("rollback", failures, len(targets) if len(failures) > 1 else 1)
-        r.line(f"rolled back to {targets[0].release} on "
-               + ", ".join(t.host.name for t in targets), always=True)
+        if not r.json_out:
+            r.line(f"rolled back to {targets[0].release} on "
+                   + ", ".join(t.host.name for t in targets), always=True)
     except KeyboardInterrupt:
         raise DeployError("interrupted", hint="hosts that had not switched keep their release") from None
     finally:

@@ -131,6 +131,9 @@ def check_server(t: Target) -> None:
     if t.facts.get("uid") == 0:
         raise DeployError("refusing to deploy as root: the app would run as root",
                           t.host.name, hint="deploy as an unprivileged user with sudo rights")
+    if not t.facts.get("nginx"):
+        raise DeployError("nginx is not installed on the server", t.host.name,
+                          hint="install it: sudo apt-get install nginx (fab provision does)")
     if not t.facts.get("venv_ok"):
         raise DeployError(f"{t.settings['python']} cannot create virtual environments",
                           t.host.name, hint="install it: sudo apt-get install python3-venv")

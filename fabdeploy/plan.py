@@ -229,12 +229,28 @@ def parent(path: str) -> str:
 NGINX_REJECTED = 90  # exit status of route() when nginx's test fails
 
 
+STOCK_SITE = "/etc/nginx/sites-enabled/default"  # Debian's, the default_server on port 80
+
+
 def route(settings: Settings, tmp: str, site: str, saved: str) -> str:
     """Install the site, test nginx (putting the old site back on failure), reload."""
     nginx = settings.nginx
     return (f"{save_copy(site, saved)} && {install_file(tmp, site)}"
             f" && {{ {nginx['test_command']} || {{ {restore_copy(site, saved)}; exit {NGINX_REJECTED}; }}; }}"
-            f" && {nginx['reload_command']}")
+            f"{disable_stock_site(settings)} && {nginx['reload_command']}")
+
+
+def disable_stock_site(settings: Settings) -> str:
+    """A catch-all site on port 80 never sees a request while Debian's default site is enabled.
+
+    That site is the port's default_server, so it answers every name ours does not
+    list, and `_` lists none. Its link goes once nginx has accepted ours.
+    """
+    nginx = settings.nginx
+    if str(nginx["listen"]) != "80" or nginx["server_name"] not in ("_", ""):
+        return ""
+    stock = quote(STOCK_SITE)
+    return f" && {{ [ ! -L {stock} ] || {as_owner(parent(STOCK_SITE), f'rm -f {stock}')}; }}"
 
 
 def install_file(tmp: str, dest: str) -> str:
@@ -284,5 +300,16 @@ def daemon_reload() -> str:
     return "sudo -n systemctl daemon-reload"
 
 
-def tail_log(path: str, lines: int = 30) -> str:
+def tail_log(path: str, lines: int = 30, follow: bool = False) -> str:
+    if follow:
+        return f"tail -n {int(lines)} -F {quote(path)}"
     return f"tail -n {int(lines)} {quote(path)} 2>/dev/null || true"
+
+
+def server_state(settings: Settings, layout: Layout, release: str, manager: str) -> str:
+    """active, or why not: systemd's word, or the pid file's."""
+    if manager == "systemd":
+        return f"systemctl is-active {quote(unit_name(settings, release))} || true"
+    pid_file = quote(layout.pid_file(release))
+    return (f'if [ -f {pid_file} ] && kill -0 "$(cat {pid_file})" 2>/dev/null;'
+            f' then echo "active (pid $(cat {pid_file}))"; else echo inactive; fi')

@@ -12,6 +12,7 @@ import posixpath
 import secrets
 import socket
 import sys
+from shlex import quote
 
 import paramiko
 from paramiko.ssh_exception import NoValidConnectionsError
@@ -24,6 +25,12 @@ def failure(what: str, how: str, output: str) -> str:
     if "No space left on device" in output or "Errno 28" in output:
         return f"{what} failed: the server's disk is full (the old release keeps serving)"
     return f"{what} failed ({how})"
+
+
+def readable(command: str) -> str:
+    """A command as a person should read it: the packed agent shown by name."""
+    from .plan import AGENT  # late: plan imports nothing from here, keep it that way
+    return command.replace(quote(AGENT), "<fabdeploy-agent>")
 
 
 class Host:
@@ -95,7 +102,7 @@ class Host:
             warn: bool = False, hint: str | None = None):
         """Run a command. Failures raise with the command's output, unless warn."""
         if self.dry_run and not query:
-            self.say(f"[{self.name}] would run: {command}")
+            self.say(f"[{self.name}] would run: {readable(command)}")
             return None
         try:
             result = self.conn.run(command, hide=True, warn=True, in_stream=False)
@@ -125,12 +132,29 @@ class Host:
             self.say(f"[{self.name}] would upload: {local} -> {remote}")
             return
         with self.transfer(f"uploading to {remote}"):
-            if not atomic:
-                self.sftp().put(local, remote)
+            target = remote
+            if atomic:
+                target = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.part")
+            self.sftp().put(local, target, callback=self._progress(posixpath.basename(remote)))
+            if atomic:
+                self.sftp().posix_rename(target, remote)
+
+    def _progress(self, name: str):
+        """A progress bar on a terminal, for uploads big enough to wait for."""
+        stream = sys.stderr
+        if not stream.isatty():
+            return None
+
+        def show(done: int, total: int) -> None:
+            if total < 1 << 20:
                 return
-            tmp = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.part")
-            self.sftp().put(local, tmp)
-            self.sftp().posix_rename(tmp, remote)
+            width = 30
+            filled = width * done // total
+            end = "\n" if done >= total else ""
+            stream.write(f"\r[{self.name}] {name} [{'#' * filled}{'.' * (width - filled)}]"
+                         f" {done >> 20}/{total >> 20} MiB{end}")
+            stream.flush()
+        return show
 
     @contextlib.contextmanager
     def transfer(self, what: str):

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "installer": "auto",
     "wheelhouse": True,
     "project_dir": ".",
+    "output": "text",
     "known_hosts": "~/.ssh/known_hosts",
     "gunicorn": {
         "manager": None,

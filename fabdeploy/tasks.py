@@ -8,7 +8,9 @@ of them, then drives the whole fleet. Without -H, the hosts come from the
 """
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import json as jsonlib
 import os
 import signal
 from pathlib import Path
@@ -17,7 +19,7 @@ from fabric import Connection
 from invoke import Task, task
 from invoke.exceptions import Exit
 
-from . import fleet, provisioning, secret
+from . import fleet, plan, provisioning, secret
 from . import phases as ph
 from .build import build_wheel
 from .errors import DeployError
@@ -97,34 +99,66 @@ def close_all(targets: list[ph.Target]) -> None:
 
 # -- deploy -----------------------------------------------------------------
 
+def reported(action: str, run, targets: list[ph.Target], r: fleet.Reporter) -> None:
+    """Run a fleet action; with --json, print its result whatever happens."""
+    error = None
+    try:
+        run()
+    except DeployError as exc:
+        error = exc
+        raise
+    finally:
+        close_all(targets)
+        if r.json_out:
+            print(jsonlib.dumps(r.result(action, targets, error), indent=2), flush=True)
+
+
+def wants_json(settings: Settings, flag: bool) -> bool:
+    return bool(flag or settings["output"] == "json")
+
+
 @friendly
-def run_deploy(c, conns, force=False, dry_run=False, batch=0, parallel=10, quiet=False, stage=None):
+def run_deploy(c, conns, force=False, dry_run=False, batch=0, parallel=10, quiet=False, stage=None,
+               json=False):
     settings = settings_of(c, stage)
     wheel = build_wheel(Path(settings["project_dir"]))
     targets = targets_of(c, conns, settings, dry_run, release=release_name(), wheel=wheel,
                          secret_key=secret.new_key())
-    try:
-        fleet.deploy(targets, fleet.Reporter(quiet, parallel=parallel), force=force,
-                     batch=int(batch))
-    finally:
-        close_all(targets)
+    r = fleet.Reporter(quiet, parallel=parallel, json_out=wants_json(settings, json))
+    reported("deploy", lambda: fleet.deploy(targets, r, force=force, batch=parse_batch(batch, len(targets))),
+             targets, r)
+
+
+def parse_batch(batch, hosts: int) -> int:
+    """--batch 2 switches two hosts at a time; --batch 25% a quarter of them."""
+    text = str(batch or 0).strip()
+    if text.endswith("%"):
+        share = float(text[:-1])
+        if not 0 < share <= 100:
+            raise DeployError(f"--batch {text} must be a percentage from 1% to 100%")
+        return max(1, int(hosts * share / 100))
+    if not text.isdigit():
+        raise DeployError(f"--batch must be a host count or a percentage, not {text!r}")
+    return int(text)
 
 
 STAGE_HELP = "use the hosts and settings of this stage (fabdeploy.stages)"
 
 
-@task(auto_shortflags=False, post=[finish("deploy", run_deploy)], help={
+@task(post=[finish("deploy", run_deploy)], help={
     "stage": STAGE_HELP,
     "force": "deploy even if the same wheel is already current",
     "dry-run": "print what would be done; change nothing",
-    "batch": "switch this many hosts at a time (default: all at once)",
+    "batch": "switch this many hosts (or this percentage, e.g. 25%) at a time; default all",
+    "json": "print a machine-readable result (or set fabdeploy.output: json)",
     "parallel": "work on at most this many hosts at once (default 10)",
     "quiet": "print only the outcome",
 })
-def deploy(c, force=False, dry_run=False, batch=0, parallel=10, quiet=False, stage=None):
+def deploy(c, force=False, dry_run=False, batch="0", parallel=10, quiet=False, stage=None,
+           json=False):
     """Build the wheel, install it as a new release, and switch to it when healthy."""
     options = dict(force=force, dry_run=dry_run, batch=batch, parallel=parallel, quiet=quiet,
-                   stage=stage)
+                   stage=stage, json=json)
     if not collect(c, "deploy", options):
         run_deploy(c, [], **options)
 
@@ -132,23 +166,23 @@ def deploy(c, force=False, dry_run=False, batch=0, parallel=10, quiet=False, sta
 # -- rollback ---------------------------------------------------------------
 
 @friendly
-def run_rollback(c, conns, release=None, parallel=10, quiet=False, stage=None):
-    targets = targets_of(c, conns, settings_of(c, stage))
-    try:
-        fleet.rollback(targets, fleet.Reporter(quiet, parallel=parallel), release=release)
-    finally:
-        close_all(targets)
+def run_rollback(c, conns, release=None, parallel=10, quiet=False, stage=None, json=False):
+    settings = settings_of(c, stage)
+    targets = targets_of(c, conns, settings)
+    r = fleet.Reporter(quiet, parallel=parallel, json_out=wants_json(settings, json))
+    reported("rollback", lambda: fleet.rollback(targets, r, release=release), targets, r)
 
 
-@task(auto_shortflags=False, post=[finish("rollback", run_rollback)], help={
+@task(post=[finish("rollback", run_rollback)], help={
     "stage": STAGE_HELP,
     "release": "the release to return to (default: the one before current)",
+    "json": "print a machine-readable result (or set fabdeploy.output: json)",
     "parallel": "work on at most this many hosts at once (default 10)",
     "quiet": "print only the outcome",
 })
-def rollback(c, release=None, parallel=10, quiet=False, stage=None):
+def rollback(c, release=None, parallel=10, quiet=False, stage=None, json=False):
     """Switch back to the previous release, or to --release NAME."""
-    options = dict(release=release, parallel=parallel, quiet=quiet, stage=stage)
+    options = dict(release=release, parallel=parallel, quiet=quiet, stage=stage, json=json)
     if not collect(c, "rollback", options):
         run_rollback(c, [], **options)
 
@@ -188,7 +222,7 @@ def on_each_host(work):
     return friendly(lambda c, conns, stage=None: each_host(c, conns, work, stage))
 
 
-@task(auto_shortflags=False, post=[finish("releases", on_each_host(show_releases))], help={"stage": STAGE_HELP})
+@task(post=[finish("releases", on_each_host(show_releases))], help={"stage": STAGE_HELP})
 def releases(c, stage=None):
     """List the releases on each host: the current one marked, failed ones flagged."""
     if not collect(c, "releases", {"stage": stage}):
@@ -207,7 +241,7 @@ def remove_lock(t: ph.Target) -> None:
           f" ({lock.get('what', '?')}, {lock.get('age', 0):.0f}s old)")
 
 
-@task(auto_shortflags=False, post=[finish("unlock", on_each_host(remove_lock))], help={"stage": STAGE_HELP})
+@task(post=[finish("unlock", on_each_host(remove_lock))], help={"stage": STAGE_HELP})
 def unlock(c, stage=None):
     """Remove a deploy lock left behind, e.g. by a deploy that was killed."""
     if not collect(c, "unlock", {"stage": stage}):
@@ -234,7 +268,7 @@ def run_rotate(c, conns, stage=None):
     each_host(c, conns, rotate_on(secret.new_key()), stage)
 
 
-@task(name="rotate-secret", auto_shortflags=False, post=[finish("rotate-secret", run_rotate)], help={"stage": STAGE_HELP})
+@task(name="rotate-secret", post=[finish("rotate-secret", run_rotate)], help={"stage": STAGE_HELP})
 def rotate_secret(c, stage=None):
     """Replace SECRET_KEY; the old key stays a fallback, so sessions survive."""
     if not collect(c, "rotate-secret", {"stage": stage}):
@@ -270,9 +304,89 @@ def run_provision(c, conns, stage=None, dry_run=False):
         close_all(targets)
 
 
-@task(auto_shortflags=False, post=[finish("provision", run_provision)],
+@task(post=[finish("provision", run_provision)],
       help={"stage": STAGE_HELP, "dry-run": "print the steps' commands; change nothing"})
 def provision(c, stage=None, dry_run=False):
     """Prepare a fresh server (as root): nginx, python3-venv, a deploy user with narrow sudo."""
     if not collect(c, "provision", {"stage": stage, "dry_run": dry_run}):
         run_provision(c, [], stage, dry_run)
+
+
+# -- status and logs --------------------------------------------------------
+
+def age(iso: str | None) -> str:
+    """How long ago an ISO time was, in words a person reads at a glance."""
+    if not iso:
+        return "-"
+    seconds = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(iso)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def host_status(t: ph.Target) -> dict:
+    """The current release, its age and version, the service, health and the lock."""
+    current = next((r for r in t.releases if r.name == t.current), None)
+    meta = current.meta if current else {}
+    service = t.run(plan.server_state(t.settings, t.layout, t.current, t.manager),
+                    "reading the service state", query=True, warn=True) if t.current else None
+    health = t.run(plan.health_via_proxy(t.settings, t.current, 5), "health check",
+                   query=True, warn=True) if t.current else None
+    return {"host": t.host.name, "current": t.current, "version": meta.get("version"),
+            "deployed_at": meta.get("deployed_at"), "age": age(meta.get("deployed_at")),
+            "manager": t.manager, "service": service.stdout.strip() if service else "none",
+            "health": (health.stdout.strip() or "no answer") if health else "nothing deployed",
+            "lock": t.facts.get("lock"),
+            "failed": [r.name for r in t.releases if r.state == "failed"]}
+
+
+def show_status(as_json: bool):
+    def show(t: ph.Target) -> None:
+        info = host_status(t)
+        if as_json:
+            print(jsonlib.dumps(info), flush=True)
+            return
+        lock = info["lock"]
+        lock_text = (f"held by {lock.get('who')} ({lock.get('what')}, {lock.get('age', 0):.0f}s)"
+                     if lock else "free")
+        print(f"{info['host']}\n"
+              f"  current  {info['current'] or '-'} (version {info['version'] or '-'}, {info['age']})\n"
+              f"  service  {info['service']} ({info['manager']})\n"
+              f"  health   {info['health']}\n"
+              f"  lock     {lock_text}" +
+              (f"\n  failed   {', '.join(info['failed'])}" if info["failed"] else ""), flush=True)
+    return show
+
+
+@friendly
+def run_status(c, conns, stage=None, json=False):
+    settings = settings_of(c, stage)
+    each_host(c, conns, show_status(wants_json(settings, json)), stage)
+
+
+@task(post=[finish("status", run_status)],
+      help={"stage": STAGE_HELP, "json": "one JSON object per host"})
+def status(c, stage=None, json=False):
+    """Show each host's current release, its age and version, the service, health and lock."""
+    if not collect(c, "status", {"stage": stage, "json": json}):
+        run_status(c, [], stage, json)
+
+
+@friendly
+def run_logs(c, conns, stage=None, follow=False, lines=50):
+    def show(t: ph.Target) -> None:
+        print(f"==> {t.host.name}: {t.layout.error_log}", flush=True)
+        # Streams straight through: with --follow, Ctrl-C ends it.
+        t.host.conn.run(plan.tail_log(t.layout.error_log, int(lines), follow), in_stream=False,
+                        warn=True, pty=False)
+    each_host(c, conns, show, stage)
+
+
+@task(post=[finish("logs", run_logs)],
+      help={"stage": STAGE_HELP, "follow": "keep printing new lines (Ctrl-C stops)",
+            "lines": "how many lines to show first (default 50)"})
+def logs(c, stage=None, follow=False, lines=50):
+    """Show the app's log (gunicorn's error log, with the app's tracebacks) on each host."""
+    if not collect(c, "logs", {"stage": stage, "follow": follow, "lines": lines}):
+        run_logs(c, [], stage, follow, lines)

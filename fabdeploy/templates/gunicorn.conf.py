@@ -10,3 +10,6 @@ umask = 0o007
 errorlog = {{error_log}}
 pidfile = {{pid_file}}
 proc_name = {{proc_name}}
+# gunicorn >= 27 opens a control socket at one path per user: two releases
+# running side by side would fight over it. Older versions ignore this name.
+control_socket_disable = True
