@@ -79,8 +79,7 @@ def venv_ok():
     return True
 
 
-def facts(args):
-    root = os.path.expanduser(args.root)
+def read_facts(root):
     releases_dir = os.path.join(root, "releases")
     state_dir = os.path.join(root, ".fabdeploy")
     releases = []
@@ -94,7 +93,8 @@ def facts(args):
     current = None
     if os.path.islink(os.path.join(root, "current")):
         current = os.path.basename(os.readlink(os.path.join(root, "current")))
-    print(json.dumps({
+    house = os.path.join(root, "shared", "wheelhouse")
+    return {
         "home": os.path.expanduser("~"),
         "user": os.environ.get("USER") or os.environ.get("LOGNAME"),
         "uid": os.getuid(),
@@ -113,9 +113,69 @@ def facts(args):
         "python": "%d.%d" % sys.version_info[:2],
         "machine": os.uname().machine,
         "glibc": glibc(),
-        "wheelhouse": sorted(os.listdir(os.path.join(root, "shared", "wheelhouse")))
-        if os.path.isdir(os.path.join(root, "shared", "wheelhouse")) else [],
-    }))
+        "wheelhouse": sorted(os.listdir(house)) if os.path.isdir(house) else [],
+    }
+
+
+def problems(info, args):
+    """What stops a deploy before anything changes (fabdeploy words them)."""
+    found = []
+    if args.refuse_root and info["uid"] == 0:
+        found.append("root")
+    if args.needs_nginx and not info["nginx"]:
+        found.append("no-nginx")
+    if not info["venv_ok"]:
+        found.append("no-venv")
+    return found
+
+
+def make_root(root):
+    """deploy_to and its directories; sudo only where the parent is not ours."""
+    if not os.path.isdir(root):
+        try:
+            os.makedirs(root)
+        except PermissionError:
+            owner = "%d:%d" % (os.getuid(), os.getgid())
+            for argv in (["sudo", "-n", "mkdir", "-p", root], ["sudo", "-n", "chown", owner, root]):
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                if done.returncode:
+                    raise OSError("%s: %s" % (" ".join(argv), done.stderr.strip()))
+    for sub in ("releases", "shared/run", "shared/log", "shared/wheelhouse", ".fabdeploy"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    instance = os.path.join(root, "shared", "instance")
+    os.makedirs(instance, exist_ok=True)
+    os.chmod(instance, 0o700)
+
+
+def take_lock(root, info_json):
+    """An atomic mkdir: exactly one of two racing deploys gets it."""
+    lock = os.path.join(root, ".fabdeploy", "lock")
+    try:
+        os.mkdir(lock)
+    except FileExistsError:
+        return False
+    with open(os.path.join(lock, "info.json"), "w") as f:
+        f.write(info_json + "\n")
+    return True
+
+
+def facts(args):
+    """Print the host's facts; with --lock, also lay out, lock, and read them afresh."""
+    root = os.path.expanduser(args.root)
+    info = read_facts(root)
+    info["problems"] = problems(info, args)
+    if args.lock is not None and not info["problems"]:
+        try:
+            make_root(root)
+            locked = take_lock(root, args.lock)
+        except OSError as exc:
+            info["lock_error"] = str(exc)
+        else:
+            info = read_facts(root) if locked else info
+            info.update(locked=locked, problems=[])
+            if not locked:
+                info["lock"] = lock_facts(os.path.join(root, ".fabdeploy", "lock"))
+    print(json.dumps(info))
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -194,6 +254,9 @@ def main(argv):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("facts")
     p.add_argument("--root", required=True)
+    p.add_argument("--lock", help="take the deploy lock, recording this JSON in it")
+    p.add_argument("--needs-nginx", action="store_true")
+    p.add_argument("--refuse-root", action="store_true", help="the app must not run as root")
     p = sub.add_parser("health")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--unix")

@@ -96,14 +96,10 @@ def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
     if len(wheels) == 1:
         return Wheel(wheels[0], sha256(wheels[0]))
     tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-build-"))
-    argv = [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp), str(project_dir)]
-    if not isolation_needed(project_dir, cache):
-        argv.insert(4, "--no-isolation")
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise DeployError(f"building the wheel of {project_dir} failed", host="local",
-                          hint="fix the build, then deploy again",
-                          detail=tail(result.stdout + result.stderr))
+    if isolation_needed(project_dir, cache):
+        build_isolated(project_dir, tmp)
+    else:
+        build_here(project_dir, tmp)
     built = sorted(tmp.glob("*.whl"))
     if len(built) != 1:
         raise DeployError(f"the build of {project_dir} made {len(built)} wheels, not one", host="local")
@@ -114,6 +110,31 @@ def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
     shutil.rmtree(tmp, ignore_errors=True)
     prune(cache)
     return Wheel(final, sha256(final))
+
+
+def build_failed(project_dir: Path, output: str) -> DeployError:
+    return DeployError(f"building the wheel of {project_dir} failed", host="local",
+                       hint="fix the build, then deploy again", detail=tail(output))
+
+
+def build_isolated(project_dir: Path, out_dir: Path) -> None:
+    """`python -m build`: a fresh environment with the build requirements."""
+    argv = [sys.executable, "-m", "build", "--wheel", "--outdir", str(out_dir), str(project_dir)]
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise build_failed(project_dir, result.stdout + result.stderr)
+
+
+def build_here(project_dir: Path, out_dir: Path) -> None:
+    """Only the backend's build_wheel hook, from this environment: one process, not three."""
+    from build import BuildBackendException, ProjectBuilder
+    from pyproject_hooks import quiet_subprocess_runner
+    try:
+        ProjectBuilder(project_dir, runner=quiet_subprocess_runner).build("wheel", out_dir)
+    except BuildBackendException as exc:
+        output = getattr(exc.exception, "output", None) or str(exc)
+        raise build_failed(project_dir, output.decode(errors="replace")
+                           if isinstance(output, bytes) else output) from None
 
 
 def prune(cache: Path, keep: int = 20) -> None:

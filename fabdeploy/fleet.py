@@ -116,8 +116,6 @@ def batches(targets: list[Target], batch: int) -> list[list[Target]]:
 
 def prepare(t: Target, r: Reporter, force: bool) -> None:
     r.step(t, "connect", ph.connect)
-    r.step(t, "facts", ph.read_facts)
-    ph.check_server(t)
     r.step(t, "lock", ph.take_lock, "deploy")
     ph.check_unchanged(t, force)
     if t.unchanged:
@@ -127,7 +125,6 @@ def prepare(t: Target, r: Reporter, force: bool) -> None:
     r.step(t, "upload", ph.upload)
     r.step(t, "venv", ph.create_venv)
     r.step(t, "install", ph.install)
-    r.step(t, "instance", ph.link_instance)
     r.step(t, "secret", ph.write_secret)
     r.step(t, "init", ph.initialise)
     r.step(t, "configure", ph.configure_server)
@@ -209,7 +206,6 @@ def pick_target(t: Target, wanted: str | None) -> str:
 
 def prepare_rollback(t: Target, r: Reporter, wanted: str | None) -> None:
     r.step(t, "connect", ph.connect)
-    r.step(t, "facts", ph.read_facts)
     r.step(t, "lock", ph.take_lock, "rollback")
     t.release = pick_target(t, wanted)
     r.step(t, "configure", ph.configure_server)

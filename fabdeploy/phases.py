@@ -81,22 +81,23 @@ def read_facts(t: Target) -> None:
 # -- preparing --------------------------------------------------------------
 
 def take_lock(t: Target, action: str) -> None:
-    """Lay out deploy_to, take the lock, and read the facts afresh: one round trip."""
+    """Check the host, lay out deploy_to, take the lock, read the facts afresh: one round trip."""
     info = {"who": who(), "when": now(), "what": f"{action} {t.release}".strip()}
-    command = " && ".join([plan.make_root(t.layout), plan.lock(t.layout, info),
-                           plan.facts(t.settings)])
-    result = t.run(command, "taking the deploy lock", warn=True)
-    if result is None:  # dry run
-        return
-    if result.exited == plan.LOCK_HELD:
+    if t.host.dry_run:
         read_facts(t)
+        check_server(t)
+        return
+    result = t.run(plan.facts(t.settings, info), "taking the deploy lock")
+    t.facts = json.loads(result.stdout)
+    t.layout = Layout(t.facts["root"])
+    check_server(t)
+    if t.facts.get("lock_error"):
+        raise DeployError(f"creating {t.layout.root} or its lock failed: {t.facts['lock_error']}",
+                          t.host.name,
+                          hint="make its parent writable, or allow passwordless sudo for mkdir and chown")
+    if not t.facts.get("locked"):
         raise lock_held(t.facts.get("lock") or {})
-    if result.failed:
-        raise DeployError(f"creating {t.layout.root} or its lock failed", t.host.name,
-                          hint="make its parent writable, or allow passwordless sudo for mkdir and chown",
-                          detail=tail(result.stderr) or None)
     t.locked = True
-    t.facts = json.loads(result.stdout)  # fresh, now that nobody else can change the host
 
 
 def lock_held(lock: dict) -> DeployError:
@@ -127,21 +128,26 @@ def check_unchanged(t: Target, force: bool) -> None:
         t.unchanged = True
 
 
+PROBLEMS = {  # what the agent finds (agent.problems), and what to do about it
+    "root": ("refusing to deploy as root: the app would run as root",
+             "deploy as an unprivileged user with sudo rights (fab provision makes one)"),
+    "no-nginx": ("nginx is not installed on the server",
+                 "install it: sudo apt-get install nginx (fab provision does)"),
+    "no-venv": ("the server's Python cannot create virtual environments",
+                "install it: sudo apt-get install python3-venv"),
+}
+
+
 def check_server(t: Target) -> None:
-    if t.facts.get("uid") == 0:
-        raise DeployError("refusing to deploy as root: the app would run as root",
-                          t.host.name, hint="deploy as an unprivileged user with sudo rights")
-    if not t.facts.get("nginx"):
-        raise DeployError("nginx is not installed on the server", t.host.name,
-                          hint="install it: sudo apt-get install nginx (fab provision does)")
-    if not t.facts.get("venv_ok"):
-        raise DeployError(f"{t.settings['python']} cannot create virtual environments",
-                          t.host.name, hint="install it: sudo apt-get install python3-venv")
+    """Stop before anything changes on a host that cannot take a deploy."""
+    for problem in t.facts.get("problems", []):
+        what, hint = PROBLEMS[problem]
+        raise DeployError(what, t.host.name, hint=hint)
 
 
 def upload(t: Target) -> None:
     """The app's wheel into the release; the dependencies' wheels the host lacks."""
-    t.run(plan.make_release_dir(t.layout, t.release), "creating the release directory")
+    t.host.mkdir(t.layout.release(t.release))
     t.host.put(str(t.wheel.path), f"{t.layout.release(t.release)}/{t.wheel.filename}")
     t.installer = choose_installer(t)
     if t.installer.wheelhouse:
@@ -174,7 +180,9 @@ def choose_installer(t: Target) -> plan.Installer:
 
 
 def create_venv(t: Target) -> None:
-    t.run(plan.create_venv(t.installer, t.layout, t.release), "creating the venv",
+    """A fresh venv, its Flask instance folder linked to the shared one."""
+    t.run(f"{plan.create_venv(t.installer, t.layout, t.release)}"
+          f" && {plan.link_instance(t.settings, t.layout, t.release)}", "creating the venv",
           hint="is python3-venv installed?")
 
 
@@ -182,10 +190,6 @@ def install(t: Target) -> None:
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
     t.run(plan.install(t.installer, t.layout, t.release, wheel, list(t.settings["packages"])),
           "installing the wheel")
-
-
-def link_instance(t: Target) -> None:
-    t.run(plan.link_instance(t.settings, t.layout, t.release), "linking the instance folder")
 
 
 def write_secret(t: Target) -> None:
@@ -308,10 +312,11 @@ def route_traffic(t: Target, release: str, active: str, backup: str | None) -> N
 def publish(t: Target, old: str | None, event: str) -> None:
     """Make the release current, keep the old one warm as nginx's backup, log it."""
     keep = [t.release] + ([old] if old and t.settings["keep_previous_running"] else [])
-    t.run(plan.publish(t.settings, t.layout, t.release, old, keep, t.manager), "switching current")
+    log = plan.audit(t.layout, audit_entry(t, event, previous=old))
+    t.run(f"{plan.publish(t.settings, t.layout, t.release, old, keep, t.manager)}; {log}",
+          "switching current")
     t.switched = True
     t.facts["current"] = t.release
-    audit(t, event, previous=old)
 
 
 def stop_release(t: Target, release: str | None) -> None:
@@ -334,22 +339,28 @@ def verify_through_proxy(t: Target) -> None:
     raise DeployError(f"health check through nginx failed: {answer}", t.host.name, hint=hint)
 
 
-def cleanup(t: Target, keep_also: str | None = None) -> list[str]:
-    releases = [r for r in t.releases if r.name != keep_also]
-    doomed = releases_to_remove(releases, t.current, int(t.settings["keep_releases"]))
-    if doomed:
-        t.run(plan.remove_releases(t.settings, t.layout, doomed, t.manager), "removing old releases")
+def cleanup(t: Target) -> list[str]:
+    """Remove releases beyond keep_releases, and release the lock: the deploy is done."""
+    doomed = releases_to_remove(t.releases, t.current, int(t.settings["keep_releases"]))
+    steps = [plan.remove_releases(t.settings, t.layout, doomed, t.manager)] if doomed else []
+    t.run("; ".join([*steps, plan.unlock(t.layout)]), "removing old releases")
+    t.locked = False
     return doomed
 
 
-def audit(t: Target, event: str, **details) -> None:
+def audit_entry(t: Target, event: str, **details) -> dict:
+    """Who did what, when, to which release and wheel: one line of the audit log."""
     entry = {"event": event, "who": who(), "when": now(), "release": t.release or None, **details}
     if t.wheel is not None:
         entry["sha256"] = t.wheel.sha256
     else:
         meta = next((r.meta for r in t.releases if r.name == t.release), {})
         entry["sha256"] = meta.get("sha256")
-    t.run(plan.audit(t.layout, entry), "writing the audit log", warn=True)
+    return entry
+
+
+def audit(t: Target, event: str, **details) -> None:
+    t.run(plan.audit(t.layout, audit_entry(t, event, **details)), "writing the audit log", warn=True)
 
 
 def mark_failed(t: Target, reason: str) -> None:

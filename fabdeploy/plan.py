@@ -15,7 +15,6 @@ from shlex import quote
 from .layout import Layout
 from .settings import Settings
 
-LOCK_HELD = 3  # exit status of lock() when somebody else holds the lock
 
 
 def _agent_bootstrap() -> str:
@@ -32,30 +31,16 @@ def agent(python: str, *args: object) -> str:
     return " ".join([quote(python), "-c", quote(AGENT), *(quote(str(a)) for a in args)])
 
 
-def facts(settings: Settings) -> str:
-    return agent(settings["python"], "facts", "--root", settings["deploy_to"])
+def facts(settings: Settings, lock_info: dict | None = None) -> str:
+    """The host's facts; with lock_info, also lay out deploy_to and take the lock.
 
-
-def make_root(layout: Layout) -> str:
-    """Create deploy_to (with sudo only if we must) and the directories under it."""
-    root = quote(layout.root)
-    dirs = " ".join(quote(d) for d in (layout.releases, layout.run_dir, layout.log_dir, layout.state,
-                                        layout.wheelhouse))
-    return (
-        f"if [ ! -d {root} ]; then mkdir -p {root} 2>/dev/null || "
-        f'{{ sudo -n mkdir -p {root} && sudo -n chown "$(id -un):$(id -gn)" {root}; }}; fi'
-        f" && mkdir -p {dirs} && mkdir -p -m 0700 {quote(layout.instance)}"
-    )
-
-
-def lock(layout: Layout, info: dict) -> str:
-    """Take the lock with an atomic mkdir; if held, say by whom and exit 3."""
-    lock_dir = quote(layout.lock)
-    info_file = quote(layout.lock + "/info.json")
-    return (
-        f"if mkdir {lock_dir} 2>/dev/null; then printf '%s\\n' {quote(json.dumps(info))} > {info_file};"
-        f" elif [ -d {lock_dir} ]; then exit {LOCK_HELD}; else mkdir {lock_dir}; fi"
-    )
+    One round trip, and one place (the agent) that decides whether a host
+    is fit to deploy to before anything on it changes.
+    """
+    args = ["facts", "--root", settings["deploy_to"], "--needs-nginx", "--refuse-root"]
+    if lock_info is not None:
+        args += ["--lock", json.dumps(lock_info)]
+    return agent(settings["python"], *args)
 
 
 def unlock(layout: Layout) -> str:
@@ -66,10 +51,6 @@ def audit(layout: Layout, entry: dict) -> str:
     """Append one JSON line to the host's audit log."""
     line = json.dumps(entry, sort_keys=True)
     return f"printf '%s\\n' {quote(line)} >> {quote(layout.audit_log)}"
-
-
-def make_release_dir(layout: Layout, release: str) -> str:
-    return f"mkdir -p {quote(layout.release(release))}"
 
 
 @dataclass(frozen=True)

@@ -113,18 +113,31 @@ def test_rollback_target_skips_failed_and_partial():
 
 def test_every_path_is_quoted():
     layout = Layout("/srv/my app")
-    command = plan.make_root(layout)
-    assert "'/srv/my app/releases'" in command
+    command = plan.unlock(layout)
+    assert command == "rm -rf '/srv/my app/.fabdeploy/lock'"
     assert plan.switch_current(layout, "R1") == (
         "ln -sfn releases/R1 '/srv/my app/.current.tmp' && mv -Tf '/srv/my app/.current.tmp' "
         "'/srv/my app/current'")
 
 
-def test_lock_is_an_atomic_mkdir_with_who_when_what():
-    command = plan.lock(Layout("/srv/app"), {"who": "me@here", "when": "now", "what": "deploy R"})
-    assert command.startswith("if mkdir /srv/app/.fabdeploy/lock 2>/dev/null; then")
-    assert f"exit {plan.LOCK_HELD}" in command
-    assert "me@here" in command
+def run_agent(*args):
+    words = shlex.split(plan.agent(sys.executable, *args))
+    return subprocess.Popen(words, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_lock_has_exactly_one_winner_per_race(tmp_path):
+    """Two deploys racing for one host's lock: an atomic mkdir lets exactly one win."""
+    for trial in range(25):
+        root = tmp_path / f"app{trial}"
+        racers = [run_agent("facts", "--root", str(root), "--lock", json.dumps({"who": f"racer{n}"}))
+                  for n in range(2)]
+        results = [json.loads(p.communicate()[0]) for p in racers]
+        assert sorted(r["locked"] for r in results) == [False, True]
+        loser = next(r for r in results if not r["locked"])
+        winner = next(r for r in results if r["locked"])
+        # the loser is told who holds it
+        assert loser["lock"]["who"] == json.loads((root / ".fabdeploy/lock/info.json").read_text())["who"]
+        assert winner["root_exists"] and (root / "shared/instance").stat().st_mode & 0o777 == 0o700
 
 
 def test_agent_runs_from_a_command_line(tmp_path):
