@@ -38,10 +38,13 @@ class Platform:
         return options
 
     def platform_tags(self) -> list[str]:
+        """Every manylinux tag the server's glibc accepts, newest first (PEP 600)."""
         newest = self.glibc[1] if self.glibc and self.glibc[0] == 2 else 17
-        tags = [f"manylinux_2_{minor}_{self.machine}" for minor in range(newest, 16, -1)]
-        if self.machine in ("x86_64", "i686", "aarch64", "ppc64le", "s390x"):
-            tags.append(f"manylinux2014_{self.machine}")
+        tags = [f"manylinux_2_{minor}_{self.machine}" for minor in range(newest, 4, -1)]
+        # The legacy names of glibc 2.17, 2.12 and 2.5 (PEP 599, 571, 513).
+        for name, minor in (("manylinux2014", 17), ("manylinux2010", 12), ("manylinux1", 5)):
+            if newest >= minor:
+                tags.append(f"{name}_{self.machine}")
         return tags
 
 

@@ -210,3 +210,17 @@ def test_stages_choose_hosts_and_settings():
     assert len(resolve(given, EXAMPLE, "production").hosts) == 2
     with pytest.raises(DeployError, match="did you mean 'staging'"):
         resolve(given, EXAMPLE, "stagin")
+
+
+# -- wheelhouse -------------------------------------------------------------
+
+def test_platform_tags_cover_every_glibc_the_server_accepts():
+    from fabdeploy.wheelhouse import Platform, platform_of
+    tags = platform_of({"python": "3.11", "machine": "x86_64", "glibc": "2.36"}).platform_tags()
+    assert tags[0] == "manylinux_2_36_x86_64" and "manylinux_2_5_x86_64" in tags
+    assert {"manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"} <= set(tags)
+    # an old server must not be offered wheels built for a newer glibc
+    old = Platform("3.11", "x86_64", (2, 12)).platform_tags()
+    assert "manylinux2014_x86_64" not in old and "manylinux_2_17_x86_64" not in old
+    assert Platform("3.12", "aarch64", (2, 31)).pip_options()[:6] == [
+        "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312"]
