@@ -5,6 +5,7 @@ installed or uploaded before the first command. Keep it small, and keep it
 free of imports from fabdeploy.
 """
 import argparse
+import errno
 import http.client
 import json
 import os
@@ -148,14 +149,23 @@ def make_root(root):
 
 
 def take_lock(root, info_json):
-    """An atomic mkdir: exactly one of two racing deploys gets it."""
+    """Exactly one of two racing deploys gets the lock, and it is never seen without its info.
+
+    The info is written into a private directory first, then renamed to the
+    lock's name: rename(2) is atomic, and fails if the lock already exists.
+    """
     lock = os.path.join(root, ".fabdeploy", "lock")
-    try:
-        os.mkdir(lock)
-    except FileExistsError:
-        return False
-    with open(os.path.join(lock, "info.json"), "w") as f:
+    mine = "%s.%d" % (lock, os.getpid())
+    os.mkdir(mine)
+    with open(os.path.join(mine, "info.json"), "w") as f:
         f.write(info_json + "\n")
+    try:
+        os.rename(mine, lock)
+    except OSError as exc:
+        shutil.rmtree(mine, ignore_errors=True)
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+            return False
+        raise
     return True
 
 

@@ -52,8 +52,9 @@ class Layout:
         return self._join("shared", "log")
 
     @property
-    def error_log(self) -> str:
-        return self._join("shared", "log", "gunicorn.log")
+    def app_log(self) -> str:
+        """What every release's server writes: its errors and the app's tracebacks."""
+        return self._join("shared", "log", "app.log")
 
     @property
     def state(self) -> str:
@@ -94,6 +95,10 @@ class Layout:
 
     def failed_marker(self, name: str) -> str:
         return self._join("releases", name, "FAILED")
+
+    def serve(self, name: str) -> str:
+        """The script that runs a release's server in the foreground."""
+        return self._join("releases", name, "serve")
 
     def gunicorn_conf(self, name: str) -> str:
         return self._join("releases", name, "gunicorn.conf.py")

@@ -12,7 +12,7 @@ import json
 import socket
 from dataclasses import dataclass, field
 
-from . import plan, render, secret, wheelhouse
+from . import plan, render, secret, servers, wheelhouse
 from .build import Wheel
 from .errors import DeployError, tail
 from .layout import Layout, Release, previous_release, releases_to_remove
@@ -167,7 +167,7 @@ def choose_installer(t: Target) -> plan.Installer:
             raise DeployError("installer is uv, but the server has no uv", t.host.name,
                               hint="install uv there, enable the wheelhouse, or set installer: auto")
         return plan.Installer(python, uv=server_uv)
-    t.wheels = wheelhouse.fetch(t.wheel, list(t.settings["packages"]),
+    t.wheels = wheelhouse.fetch(t.wheel, servers.packages(t.settings),
                                 wheelhouse.platform_of(t.facts))
     house = t.layout.wheelhouse
     pip_wheel = wheelhouse.tool_wheel(t.wheels, "pip")
@@ -188,7 +188,7 @@ def create_venv(t: Target) -> None:
 
 def install(t: Target) -> None:
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
-    t.run(plan.install(t.installer, t.layout, t.release, wheel, list(t.settings["packages"])),
+    t.run(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
           "installing the wheel")
 
 
@@ -241,8 +241,11 @@ def choose_bind(t: Target) -> str:
 def configure_server(t: Target) -> None:
     """The release's gunicorn config, and the systemd unit where systemd runs it."""
     t.bind = choose_bind(t)
-    conf = render.gunicorn_conf(t.settings, t.layout, t.release, t.bind, t.manager)
-    t.host.write(t.layout.gunicorn_conf(t.release), conf)
+    if t.settings["server"] == "gunicorn":
+        conf = render.gunicorn_conf(t.settings, t.layout, t.release, t.bind)
+        t.host.write(t.layout.gunicorn_conf(t.release), conf)
+    t.host.write(t.layout.serve(t.release),
+                 servers.serve_script(t.settings, t.layout, t.release, t.bind), mode=0o755)
     if t.manager == "systemd":
         unit = render.systemd_unit(t.settings, t.layout, t.facts.get("user") or t.host.conn.user)
         install_system_file(t, unit, f"/etc/systemd/system/{t.settings.app}@.service")
@@ -280,7 +283,7 @@ def healthy(t: Target, release: str) -> None:
                    "health check", warn=True)
     if result is None or result.ok:
         return
-    log = t.run(plan.tail_log(t.layout.error_log), "reading the error log", query=True)
+    log = t.run(plan.tail_log(t.layout.app_log), "reading the app's log", query=True)
     raise DeployError(f"release {release} is unhealthy: {result.stdout.strip()}", t.host.name,
                       hint="the old release keeps serving; see the app's error above",
                       detail=tail(log.stdout, 20) if log and log.stdout.strip() else None)

@@ -123,26 +123,22 @@ def init_app(settings: Settings, layout: Layout, release: str) -> str:
     return f"{run} && touch {quote(layout.initialized)}"
 
 
-def gunicorn(layout: Layout, release: str, *options: str) -> str:
-    """gunicorn from the release's own venv, by its absolute paths."""
-    venv = layout.venv(release)
-    conf = layout.gunicorn_conf(release)
-    args = " ".join(quote(o) for o in options)
-    return in_release(layout, release,
-                      f"{quote(venv + '/bin/python')} {quote(venv + '/bin/gunicorn')} -c {quote(conf)} {args}".rstrip())
-
-
 def unit_name(settings: Settings, release: str) -> str:
     return f"{settings.app}@{release}.service"
 
 
 def start_server(settings: Settings, layout: Layout, release: str, manager: str) -> str:
-    """Start a release's server, unless it runs already (a warm previous release)."""
+    """Start a release's server, unless it runs already (a warm previous release).
+
+    Without systemd, its serve script runs in a session of its own, detached
+    from SSH; the shell records its PID, which the server keeps (exec).
+    """
     if manager == "systemd":
         return f"sudo -n systemctl start {quote(unit_name(settings, release))}"
     pid_file = quote(layout.pid_file(release))
     return (f'if [ -f {pid_file} ] && kill -0 "$(cat {pid_file})" 2>/dev/null; then :;'
-            f" else {gunicorn(layout, release, '--daemon')}; fi")
+            f" else setsid {quote(layout.serve(release))} </dev/null >/dev/null 2>&1 &"
+            f" echo $! > {pid_file}; fi")
 
 
 def stop_server(settings: Settings, layout: Layout, release: str, manager: str) -> str:

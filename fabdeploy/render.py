@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 
+from . import servers
 from .layout import Layout
 from .settings import Settings
 
@@ -29,18 +30,17 @@ def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: 
                   listen=nginx["listen"], server_name=nginx["server_name"])
 
 
-def gunicorn_conf(settings: Settings, layout: Layout, release: str, bind: str,
-                  manager: str) -> str:
+def gunicorn_conf(settings: Settings, layout: Layout, release: str, bind: str) -> str:
     g = settings.gunicorn
     return render("gunicorn.conf.py", app=settings.app, release=release,
                   wsgi=repr(settings["wsgi"]), bind=repr(bind), workers=int(g["workers"]),
+                  worker_class=repr(servers.WORKERS[servers.worker(settings)][0]),
                   timeout=int(g["timeout"]), graceful_timeout=int(g["graceful_timeout"]),
-                  release_dir=repr(layout.release(release)), error_log=repr(layout.error_log),
-                  pid_file=repr(layout.pid_file(release)) if manager == "pidfile" else None,
+                  release_dir=repr(layout.release(release)),
                   proc_name=repr(f"{settings.app}-{release}"))
 
 
 def systemd_unit(settings: Settings, layout: Layout, user: str) -> str:
-    return render("gunicorn@.service", app=settings.app, user=user,
+    return render("gunicorn@.service", app=settings.app, user=user, server=settings["server"],
                   group=settings.gunicorn["group"], root=layout.root,
                   stop_timeout=int(settings.gunicorn["graceful_timeout"]) + 10)

@@ -27,7 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "health_timeout": 30,
     "keep_previous_running": True,
     "python": "python3",
-    "packages": ["gunicorn"],
+    "server": "gunicorn",
+    "asgi": False,
+    "packages": [],
     "installer": "auto",
     "wheelhouse": True,
     "project_dir": ".",
@@ -36,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "gunicorn": {
         "manager": None,
         "bind": None,
+        "worker_class": None,
         "workers": 2,
         "timeout": 30,
         "graceful_timeout": 20,
@@ -169,6 +172,10 @@ class Settings:
             return self
         return Settings(derive(overlay(self.raw, entry.overrides), self.base_dir),
                         self.hosts, self.raw, self.base_dir)
+
+    def __post_init__(self):
+        from .servers import check  # servers reads Settings: import late
+        check(self)
 
     @property
     def app(self) -> str:

@@ -376,9 +376,9 @@ def status(c, stage=None, json=False):
 @friendly
 def run_logs(c, conns, stage=None, follow=False, lines=50):
     def show(t: ph.Target) -> None:
-        print(f"==> {t.host.name}: {t.layout.error_log}", flush=True)
+        print(f"==> {t.host.name}: {t.layout.app_log}", flush=True)
         # Streams straight through: with --follow, Ctrl-C ends it.
-        t.host.conn.run(plan.tail_log(t.layout.error_log, int(lines), follow), in_stream=False,
+        t.host.conn.run(plan.tail_log(t.layout.app_log, int(lines), follow), in_stream=False,
                         warn=True, pty=False)
     each_host(c, conns, show, stage)
 

@@ -168,19 +168,21 @@ def test_nginx_site_keeps_the_old_release_as_backup_only_during_a_switch():
 
 def test_gunicorn_conf_binds_explicitly_and_is_valid_python():
     s = settings()
-    conf = render.gunicorn_conf(s, Layout("/srv/guestbook"), "R1", "unix:/x.sock", "pidfile")
+    conf = render.gunicorn_conf(s, Layout("/srv/guestbook"), "R1", "unix:/x.sock")
     values = {}
     exec(conf, values)
     assert values["bind"] == ["unix:/x.sock"]
     assert values["umask"] == 0o007
     assert values["wsgi_app"] == "guestbook:create_app()"
-    assert values["pidfile"] == "/srv/guestbook/shared/run/R1.pid"
+    assert values["worker_class"] == "sync"
+    assert values["control_socket_disable"] is True
 
 
 def test_systemd_unit_runs_as_the_deploy_user_hardened():
     unit = render.systemd_unit(settings(), Layout("/srv/guestbook"), "deploy")
     for line in ("User=deploy", "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectSystem=strict",
-                 "UnsetEnvironment=PORT", "WantedBy=multi-user.target"):
+                 "UnsetEnvironment=PORT", "WantedBy=multi-user.target",
+                 "ExecStart=/srv/guestbook/releases/%i/serve"):
         assert line in unit
 
 
@@ -224,3 +226,43 @@ def test_platform_tags_cover_every_glibc_the_server_accepts():
     assert "manylinux2014_x86_64" not in old and "manylinux_2_17_x86_64" not in old
     assert Platform("3.12", "aarch64", (2, 31)).pip_options()[:6] == [
         "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312"]
+
+
+# -- servers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("given, wanted", [
+    ({}, ["gunicorn"]),
+    ({"gunicorn": {"worker_class": "gevent"}}, ["gunicorn", "gevent", "packaging"]),
+    ({"gunicorn": {"worker_class": "eventlet"}}, ["gunicorn<26", "eventlet"]),
+    ({"asgi": True}, ["gunicorn", "uvicorn-worker"]),
+    ({"server": "waitress", "packages": ["psycopg"]}, ["waitress", "psycopg"]),
+    ({"server": "uwsgi"}, ["pyuwsgi"]),
+])
+def test_each_server_installs_what_it_needs(given, wanted):
+    from fabdeploy import servers
+    assert servers.packages(settings(**given)) == wanted
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"server": "bjoern"}, "server must be one of"),
+    ({"server": "waitress", "asgi": True}, "asgi: true runs under gunicorn"),
+    ({"gunicorn": {"worker_class": "tornadoo"}}, "worker_class must be one of"),
+])
+def test_impossible_server_choices_are_refused(given, message):
+    with pytest.raises(DeployError, match=message):
+        settings(**given)
+
+
+def test_serve_scripts_log_unset_port_and_bind_the_release_socket():
+    from fabdeploy import servers
+    layout = Layout("/srv/guestbook")
+    for server, needle in (("gunicorn", "/bin/gunicorn -c /srv/guestbook/releases/R1/gunicorn.conf.py"),
+                           ("waitress", "--unix-socket=/s.sock --unix-socket-perms=660 --threads=8 --call "
+                                        "guestbook:create_app"),
+                           ("uwsgi", "--http-socket /s.sock --chmod-socket=660 --module "
+                                     "'guestbook:create_app()'")):
+        script = servers.serve_script(settings(server=server), layout, "R1", "unix:/s.sock")
+        assert "exec >> /srv/guestbook/shared/log/app.log 2>&1" in script
+        assert "unset PORT" in script and needle in script, script
+    tcp = servers.serve_script(settings(server="waitress"), layout, "R1", "127.0.0.1:8000")
+    assert "--listen=127.0.0.1:8000" in tcp

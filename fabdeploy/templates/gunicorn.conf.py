@@ -2,13 +2,14 @@
 wsgi_app = {{wsgi}}
 bind = [{{bind}}]
 workers = {{workers}}
+worker_class = {{worker_class}}
 timeout = {{timeout}}
 graceful_timeout = {{graceful_timeout}}
 chdir = {{release_dir}}
 # 0660 socket: only the app's user and nginx's group may connect.
 umask = 0o007
-errorlog = {{error_log}}
-pidfile = {{pid_file}}
+# To stderr, which the release's serve script sends to the app's log.
+errorlog = "-"
 proc_name = {{proc_name}}
 # gunicorn >= 27 opens a control socket at one path per user: two releases
 # running side by side would fight over it. Older versions ignore this name.

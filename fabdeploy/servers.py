@@ -1,0 +1,99 @@
+"""The app servers a release can run under: what each installs, how it starts. No I/O here.
+
+Every server is started by the release's own `serve` script, in the
+foreground, writing to the app's log. The pidfile mode runs that script
+in the background; systemd runs it as the unit's ExecStart. So both
+managers, and every server, start and stop the same way.
+"""
+from __future__ import annotations
+
+from shlex import quote
+
+from .errors import DeployError
+from .layout import Layout
+from .settings import Settings
+
+SERVERS = {"gunicorn": ["gunicorn"], "waitress": ["waitress"], "uwsgi": ["pyuwsgi"]}
+
+# gunicorn worker classes: the import path gunicorn wants, and what they need installed.
+WORKERS = {
+    "sync": ("sync", []),
+    "gthread": ("gthread", []),
+    # gunicorn 27's gevent worker imports packaging without requiring it.
+    "gevent": ("gevent", ["gevent", "packaging"]),
+    # gunicorn 26 dropped its eventlet worker.
+    "eventlet": ("eventlet", ["eventlet", "gunicorn<26"]),
+    "uvicorn": ("uvicorn_worker.UvicornWorker", ["uvicorn-worker"]),
+}
+
+
+def worker(settings: Settings) -> str:
+    """The gunicorn worker class name: `asgi: true` means uvicorn workers."""
+    chosen = settings.gunicorn["worker_class"] or ("uvicorn" if settings["asgi"] else "sync")
+    if chosen not in WORKERS:
+        raise DeployError(f"gunicorn.worker_class must be one of {', '.join(WORKERS)}, not {chosen!r}",
+                          hint="fix fabric.yaml")
+    return chosen
+
+
+def check(settings: Settings) -> None:
+    """Combinations that cannot work, refused before anything runs."""
+    server = settings["server"]
+    if server not in SERVERS:
+        raise DeployError(f"server must be one of {', '.join(SERVERS)}, not {server!r}",
+                          hint="fix fabdeploy.server")
+    if settings["asgi"] and server != "gunicorn":
+        raise DeployError(f"asgi: true runs under gunicorn with uvicorn workers, not {server}",
+                          hint="set server: gunicorn")
+    if server == "gunicorn":
+        worker(settings)
+
+
+def packages(settings: Settings) -> list[str]:
+    """What the release's venv needs beside the app: the server, its workers, the user's extras."""
+    needed = list(SERVERS[settings["server"]])
+    if settings["server"] == "gunicorn":
+        extras = WORKERS[worker(settings)][1]
+        pins = [p for p in extras if p.startswith("gunicorn")]
+        needed = pins or needed
+        needed += [p for p in extras if not p.startswith("gunicorn")]
+    return needed + [p for p in settings["packages"] if p not in needed]
+
+
+def factory(wsgi: str) -> tuple[str, bool]:
+    """'pkg:create_app()' -> ('pkg:create_app', True): the spec, and whether it is called."""
+    return (wsgi[:-2], True) if wsgi.endswith("()") else (wsgi, False)
+
+
+def serve_command(settings: Settings, layout: Layout, release: str, bind: str) -> str:
+    """The server in the foreground, by the release venv's absolute paths."""
+    venv = layout.venv(release)
+    python = quote(f"{venv}/bin/python")
+    server = settings["server"]
+    unix = bind.startswith("unix:")
+    address = bind[len("unix:"):] if unix else bind
+    workers = int(settings.gunicorn["workers"])
+    if server == "gunicorn":
+        return f"{python} {quote(venv + '/bin/gunicorn')} -c {quote(layout.gunicorn_conf(release))}"
+    if server == "waitress":
+        spec, called = factory(settings["wsgi"])
+        listen = (f"--unix-socket={quote(address)} --unix-socket-perms=660" if unix
+                  else f"--listen={quote(address)}")
+        call = " --call" if called else ""
+        return (f"{python} {quote(venv + '/bin/waitress-serve')} {listen}"
+                f" --threads={4 * workers}{call} {quote(spec)}")
+    # uWSGI, from the pyuwsgi wheel. --lazy-apps: each worker loads the app, as gunicorn's do.
+    return (f"{quote(venv + '/bin/uwsgi')} --master --processes {workers} --http-socket {quote(address)}"
+            f" --chmod-socket=660 --module {quote(settings['wsgi'])} --lazy-apps --need-app"
+            " --die-on-term --vacuum --disable-logging")
+
+
+def serve_script(settings: Settings, layout: Layout, release: str, bind: str) -> str:
+    """The release's `serve`: its output to the app's log, $PORT unset, then the server."""
+    return (f"#!/bin/sh\n"
+            f"# Written by fabdeploy: runs release {release} of {settings.app} in the foreground.\n"
+            f"exec >> {quote(layout.app_log)} 2>&1\n"
+            f"cd {quote(layout.release(release))} || exit 1\n"
+            f"# gunicorn would bind 0.0.0.0:$PORT if PORT were set.\n"
+            f"unset PORT\n"
+            f"exec {serve_command(settings, layout, release, bind)}\n")
