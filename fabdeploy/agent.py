@@ -110,7 +110,7 @@ def read_facts(root):
         "venv_ok": venv_ok(),
         "systemd": os.path.isdir("/run/systemd/system"),
         "uv": find_uv(),
-        "nginx": shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"),
+
         "python": "%d.%d" % sys.version_info[:2],
         "machine": os.uname().machine,
         "glibc": glibc(),
@@ -123,8 +123,9 @@ def problems(info, args):
     found = []
     if args.refuse_root and info["uid"] == 0:
         found.append("root")
-    if args.needs_nginx and not info["nginx"]:
-        found.append("no-nginx")
+    sbin = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    if args.needs and not shutil.which(args.needs, path=sbin):
+        found.append("no-" + args.needs)
     if not info["venv_ok"]:
         found.append("no-venv")
     return found
@@ -265,7 +266,7 @@ def main(argv):
     p = sub.add_parser("facts")
     p.add_argument("--root", required=True)
     p.add_argument("--lock", help="take the deploy lock, recording this JSON in it")
-    p.add_argument("--needs-nginx", action="store_true")
+    p.add_argument("--needs", help="a program the host must have, e.g. the proxy's")
     p.add_argument("--refuse-root", action="store_true", help="the app must not run as root")
     p = sub.add_parser("health")
     target = p.add_mutually_exclusive_group(required=True)
@@ -276,7 +277,7 @@ def main(argv):
     p.add_argument("--timeout", type=float, default=30)
     p.add_argument("--pid-file")
     p.add_argument("--unit")
-    p.add_argument("--release", help="expect nginx's X-Fabdeploy-Release header to say this")
+    p.add_argument("--release", help="expect the proxy's X-Fabdeploy-Release header to say this")
     args = parser.parse_args(argv)
     if args.command == "facts":
         return facts(args)

@@ -132,18 +132,23 @@ def prepare(t: Target, r: Reporter, force: bool) -> None:
 
 
 def go_live(t: Target, r: Reporter, event: str) -> None:
-    """Move traffic to the started release; put it back if it fails through nginx."""
+    """Move traffic to the started release; put it back if it fails through the proxy."""
     old, old_bind = t.current, t.facts.get("current_bind")
     if t.wheel is not None:
         # Only now is the release complete: one killed earlier is never a rollback target.
         ph.record_release(t)
+    if t.settings["proxy"] == "none":
+        r.step(t, "cold switch", ph.cold_switch, old)
+        r.step(t, "switch", ph.publish, old, event)
+        return
     r.step(t, "route", ph.route_traffic, t.release, t.bind, old_bind)
     try:
         r.step(t, "verify", ph.verify_through_proxy)
     except DeployError:
         if old_bind:
             ph.route_traffic(t, old, old_bind, None)
-            r.line(f"[{t.host.name}] switched back to {old}: the new release failed through nginx",
+            r.line(f"[{t.host.name}] switched back to {old}: the new release failed through "
+                   f"{t.settings['proxy']}",
                    always=True)
         raise
     r.step(t, "switch", ph.publish, old, event)

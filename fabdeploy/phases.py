@@ -133,6 +133,9 @@ PROBLEMS = {  # what the agent finds (agent.problems), and what to do about it
              "deploy as an unprivileged user with sudo rights (fab provision makes one)"),
     "no-nginx": ("nginx is not installed on the server",
                  "install it: sudo apt-get install nginx (fab provision does)"),
+    "no-apache2ctl": ("Apache httpd is not installed on the server",
+                      "install it: sudo apt-get install apache2, then a2enmod proxy_http "
+                      "proxy_balancer lbmethod_byrequests headers"),
     "no-venv": ("the server's Python cannot create virtual environments",
                 "install it: sudo apt-get install python3-venv"),
 }
@@ -292,29 +295,67 @@ def healthy(t: Target, release: str) -> None:
 # -- switching --------------------------------------------------------------
 
 def route_traffic(t: Target, release: str, active: str, backup: str | None) -> None:
-    """Point nginx at `active`, with `backup` taking what `active` refuses.
+    """Point the proxy at `active`, with `backup` taking what `active` refuses.
 
-    If nginx rejects the site, the previous one is put back and nothing moves.
+    If the proxy rejects the site, the previous one is put back and nothing moves.
     """
-    site = t.settings.nginx["site_path"]
+    name = t.settings["proxy"]
+    site = t.settings.proxy["site_path"]
     tmp = f"{t.layout.state}/site.conf.new"
-    t.host.write(tmp, render.nginx_site(t.settings, release, active, backup))
+    t.host.write(tmp, render.proxy_site(t.settings, release, active, backup))
     result = t.run(plan.route(t.settings, tmp, site, f"{t.layout.state}/site.conf.prev"),
-                   "routing nginx", warn=True)
+                   f"routing {name}", warn=True)
     if result is None or result.ok:
         return
     output = tail(result.stdout + result.stderr)
-    if result.exited == plan.NGINX_REJECTED:
-        raise DeployError("nginx rejected the configuration", t.host.name,
-                          hint="fix nginx's configuration; nothing was switched", detail=output)
-    raise DeployError(f"routing nginx failed (exit {result.exited})", t.host.name,
-                      hint="allow passwordless sudo for install and the nginx commands, "
+    if result.exited == plan.PROXY_REJECTED:
+        raise DeployError(f"{name} rejected the configuration", t.host.name,
+                          hint=f"fix {name}'s configuration; nothing was switched", detail=output)
+    raise DeployError(f"routing {name} failed (exit {result.exited})", t.host.name,
+                      hint=f"allow passwordless sudo for install and the {name} commands, "
                            "or make the site's directory writable", detail=output)
+
+
+def serve_publicly(t: Target, release: str) -> None:
+    """proxy: none: run `release` on the public address, checked there, or raise."""
+    t.release, t.bind = release, t.settings["direct"]["bind"]
+    t.host.write(t.layout.serve(release),
+                 servers.serve_script(t.settings, t.layout, release, t.bind), mode=0o755)
+    if t.settings["server"] == "gunicorn":
+        t.host.write(t.layout.gunicorn_conf(release),
+                     render.gunicorn_conf(t.settings, t.layout, release, t.bind))
+    start_server(t, release)
+    result = t.run(plan.health_direct(t.settings, t.bind, float(t.settings["health_timeout"])),
+                   "health check on the public address", warn=True)
+    if result is not None and result.failed:
+        t.run(plan.stop_and_wait(t.settings, t.layout, release, t.manager), "stopping it", warn=True)
+        raise DeployError(f"release {release} is unhealthy on {t.bind}: {result.stdout.strip()}",
+                          t.host.name)
+
+
+def cold_switch(t: Target, old: str | None) -> None:
+    """No proxy to move: stop the old release, start the new one on the public address.
+
+    Requests in between fail; the README gives the measured gap. If the new
+    release does not answer there, the old one is started again.
+    """
+    new = t.release
+    t.run(plan.stop_and_wait(t.settings, t.layout, new, t.manager), "stopping the checked release")
+    if old:
+        t.run(plan.stop_and_wait(t.settings, t.layout, old, t.manager), f"stopping release {old}")
+    try:
+        serve_publicly(t, new)
+    except DeployError:
+        if old:
+            serve_publicly(t, old)
+            t.release = new
+        raise
 
 
 def publish(t: Target, old: str | None, event: str) -> None:
     """Make the release current, keep the old one warm as nginx's backup, log it."""
-    keep = [t.release] + ([old] if old and t.settings["keep_previous_running"] else [])
+    warm = old and t.settings["keep_previous_running"] and t.settings["proxy"] != "none"
+    keep = [t.release] + ([old] if warm else [])
     log = plan.audit(t.layout, audit_entry(t, event, previous=old))
     t.run(f"{plan.publish(t.settings, t.layout, t.release, old, keep, t.manager)}; {log}",
           "switching current")
@@ -329,17 +370,18 @@ def stop_release(t: Target, release: str | None) -> None:
 
 
 def verify_through_proxy(t: Target) -> None:
-    """The health path through nginx answers 2xx, from the release we switched to."""
-    result = t.run(plan.health_via_proxy(t.settings, t.release, 10), "health check through nginx",
+    """The health path through the proxy answers 2xx, from the release we switched to."""
+    name = t.settings["proxy"]
+    result = t.run(plan.health_via_proxy(t.settings, t.release, 10), f"health check through {name}",
                    warn=True)
     if result is None or result.ok:
         return
     answer = result.stdout.strip()
     hint = None
     if "X-Fabdeploy-Release" in answer:
-        hint = ("another nginx server answers for this name, e.g. Debian's stock 'default' site: "
-                "remove it (fab provision does) or set nginx.server_name")
-    raise DeployError(f"health check through nginx failed: {answer}", t.host.name, hint=hint)
+        hint = (f"another {name} site answers for this name, e.g. Debian's stock default site: "
+                f"remove it (fab provision does) or set {name}.server_name")
+    raise DeployError(f"health check through {name} failed: {answer}", t.host.name, hint=hint)
 
 
 def cleanup(t: Target) -> list[str]:

@@ -37,7 +37,9 @@ def facts(settings: Settings, lock_info: dict | None = None) -> str:
     One round trip, and one place (the agent) that decides whether a host
     is fit to deploy to before anything on it changes.
     """
-    args = ["facts", "--root", settings["deploy_to"], "--needs-nginx", "--refuse-root"]
+    args = ["facts", "--root", settings["deploy_to"], "--refuse-root"]
+    if settings["proxy"] != "none":
+        args += ["--needs", PROXY_PROGRAMS[settings["proxy"]]]
     if lock_info is not None:
         args += ["--lock", json.dumps(lock_info)]
     return agent(settings["python"], *args)
@@ -150,6 +152,25 @@ def stop_server(settings: Settings, layout: Layout, release: str, manager: str) 
     return f"if [ -f {pid_file} ]; then kill -TERM \"$(cat {pid_file})\" 2>/dev/null; fi; true"
 
 
+def stop_and_wait(settings: Settings, layout: Layout, release: str, manager: str) -> str:
+    """Stop a release's server and wait until it has exited: its port is then free."""
+    if manager == "systemd":
+        return f"sudo -n systemctl stop {quote(unit_name(settings, release))}"
+    pid_file = quote(layout.pid_file(release))
+    ticks = (int(settings.gunicorn["graceful_timeout"]) + 5) * 20
+    return (f'if [ -f {pid_file} ]; then pid="$(cat {pid_file})"; kill -TERM "$pid" 2>/dev/null;'
+            f' n=0; while kill -0 "$pid" 2>/dev/null && [ $n -lt {ticks} ]; do sleep 0.05; n=$((n+1)); done;'
+            f" rm -f {pid_file}; fi")
+
+
+def health_direct(settings: Settings, bind: str, timeout: float) -> str:
+    """Probe the app server on its public address (proxy: none)."""
+    host, _, port = bind.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else host
+    return agent(settings["python"], "health", "--tcp", f"{host}:{port}",
+                 "--path", settings["health_path"], "--timeout", timeout)
+
+
 def stop_others(settings: Settings, layout: Layout, keep: list[str], manager: str) -> str:
     """Stop every release's server but those in `keep`: at most current and its backup."""
     if manager == "systemd":
@@ -186,10 +207,10 @@ def health(settings: Settings, layout: Layout, release: str, bind: str, manager:
 
 
 def health_via_proxy(settings: Settings, release: str, timeout: float) -> str:
-    """Probe through nginx, as a visitor would, expecting the release's stamp."""
-    nginx = settings.nginx
-    host = "localhost" if nginx["server_name"] in ("_", "") else nginx["server_name"].split()[0]
-    return agent(settings["python"], "health", "--tcp", f"127.0.0.1:{nginx['listen']}",
+    """Probe through the proxy, as a visitor would, expecting the release's stamp."""
+    proxy = settings.proxy
+    host = "localhost" if proxy["server_name"] in ("_", "") else proxy["server_name"].split()[0]
+    return agent(settings["python"], "health", "--tcp", f"127.0.0.1:{proxy['listen']}",
                  "--host-header", host, "--path", settings["health_path"], "--timeout", timeout,
                  "--release", release)
 
@@ -203,18 +224,19 @@ def parent(path: str) -> str:
     return path.rsplit("/", 1)[0] or "/"
 
 
-NGINX_REJECTED = 90  # exit status of route() when nginx's test fails
+PROXY_REJECTED = 90  # exit status of route() when the proxy's config test fails
+PROXY_PROGRAMS = {"nginx": "nginx", "apache": "apache2ctl"}  # what the agent looks for
 
 
 STOCK_SITE = "/etc/nginx/sites-enabled/default"  # Debian's, the default_server on port 80
 
 
 def route(settings: Settings, tmp: str, site: str, saved: str) -> str:
-    """Install the site, test nginx (putting the old site back on failure), reload."""
-    nginx = settings.nginx
+    """Install the site, test the proxy's config (putting the old site back on failure), reload."""
+    proxy = settings.proxy
     return (f"{save_copy(site, saved)} && {install_file(tmp, site)}"
-            f" && {{ {nginx['test_command']} || {{ {restore_copy(site, saved)}; exit {NGINX_REJECTED}; }}; }}"
-            f"{disable_stock_site(settings)} && {nginx['reload_command']}")
+            f" && {{ {proxy['test_command']} || {{ {restore_copy(site, saved)}; exit {PROXY_REJECTED}; }}; }}"
+            f"{disable_stock_site(settings)} && {proxy['reload_command']}")
 
 
 def disable_stock_site(settings: Settings) -> str:
@@ -224,7 +246,7 @@ def disable_stock_site(settings: Settings) -> str:
     list, and `_` lists none. Its link goes once nginx has accepted ours.
     """
     nginx = settings.nginx
-    if str(nginx["listen"]) != "80" or nginx["server_name"] not in ("_", ""):
+    if settings["proxy"] != "nginx" or str(nginx["listen"]) != "80" or nginx["server_name"] not in ("_", ""):
         return ""
     stock = quote(STOCK_SITE)
     return f" && {{ [ ! -L {stock} ] || {as_owner(parent(STOCK_SITE), f'rm -f {stock}')}; }}"

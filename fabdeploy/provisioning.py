@@ -58,6 +58,7 @@ def sudoers(settings: Settings, user: str) -> str:
     commands = [
         "/usr/bin/systemctl daemon-reload",
         f"/usr/bin/systemctl start {unit}",
+        f"/usr/bin/systemctl stop {unit}",
         f"/usr/bin/systemctl reload {unit}",
         f"/usr/bin/systemctl enable --quiet {unit}",
         f"/usr/bin/systemctl disable --quiet {unit}",

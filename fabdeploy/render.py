@@ -21,6 +21,29 @@ def upstream_name(app: str) -> str:
     return "fabdeploy_" + re.sub(r"\W", "_", app)
 
 
+def proxy_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
+    """The proxy's site for this switch: nginx's or Apache's."""
+    if settings["proxy"] == "apache":
+        return apache_site(settings, release, active_bind, backup_bind)
+    return nginx_site(settings, release, active_bind, backup_bind)
+
+
+def apache_member(bind: str) -> str:
+    """gunicorn's bind as a mod_proxy address: unix:/x.sock|http://localhost, or http://host:port."""
+    return f"{bind}|http://localhost" if bind.startswith("unix:") else f"http://{bind}"
+
+
+def apache_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
+    apache = settings.values["apache"]
+    name = apache["server_name"]
+    server_name = "" if name in ("_", "") else f"    ServerName {name}\n"
+    backup = (f'        BalancerMember "{apache_member(backup_bind)}" status=+H\n'
+              if backup_bind else "")
+    return render("apache-site.conf", app=settings.app, upstream=upstream_name(settings.app),
+                  release=release, active=apache_member(active_bind), backup=backup,
+                  listen=apache["listen"], server_name=server_name)
+
+
 def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
     nginx = settings.nginx
     # gunicorn's bind syntax (unix:/x.sock, or host:port) is nginx's too.

@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "public_key": None,
         "packages": ["nginx", "python3", "python3-venv", "sudo"],
     },
+    "proxy": "nginx",
     "nginx": {
         "listen": 80,
         "server_name": "_",
@@ -56,7 +57,19 @@ DEFAULTS: dict[str, Any] = {
         "test_command": "sudo nginx -t",
         "reload_command": "sudo systemctl reload nginx",
     },
+    "apache": {
+        "listen": 80,
+        "server_name": "_",
+        "site_path": None,
+        "test_command": "sudo apache2ctl configtest",
+        "reload_command": "sudo systemctl reload apache2",
+    },
+    "direct": {
+        "bind": "0.0.0.0:8000",  # proxy: none: where the app server listens for the balancer
+    },
 }
+
+PROXIES = ("nginx", "apache", "none")
 
 MANAGERS = ("systemd", "pidfile")
 INSTALLERS = ("auto", "uv", "pip")
@@ -193,6 +206,12 @@ class Settings:
     def nginx(self) -> dict:
         return self.values["nginx"]
 
+    @property
+    def proxy(self) -> dict | None:
+        """The chosen proxy's settings (listen, site_path, commands); None for proxy: none."""
+        kind = self.values["proxy"]
+        return None if kind == "none" else self.values[kind]
+
 
 def resolve(given: dict, base_dir: Path, stage: str | None = None) -> Settings:
     """Validate the user's `fabdeploy` settings and fill in derived defaults.
@@ -229,6 +248,11 @@ def derive(raw: dict, base_dir: Path) -> dict:
                           hint="fix fabdeploy.deploy_to")
     values["nginx"]["site_path"] = (values["nginx"]["site_path"]
                                     or f"/etc/nginx/sites-enabled/{app}.conf")
+    values["apache"]["site_path"] = (values["apache"]["site_path"]
+                                     or f"/etc/apache2/sites-enabled/{app}.conf")
+    if values["proxy"] not in PROXIES:
+        raise DeployError(f"proxy must be one of {', '.join(PROXIES)}, not {values['proxy']!r}",
+                          hint="fix fabdeploy.proxy")
     manager = values["gunicorn"]["manager"]
     if manager is not None and manager not in MANAGERS:
         raise DeployError(f"gunicorn.manager must be one of {', '.join(MANAGERS)}, not {manager!r}",
