@@ -182,19 +182,33 @@ class Host:
         self._write_then_rename(remote, text, mode)
 
     def write_secret(self, remote: str, text: str) -> None:
-        """Like write, but 0600 before a byte is written, and never shown."""
+        """Like write, but 0600 from the instant the file exists, and never shown.
+
+        SFTP's open creates files 0644 (paramiko sends no mode), and a chmod
+        a round trip later does not take back a descriptor opened in between.
+        So a shell creates the file empty under umask 077 (noclobber: never
+        an existing one), and SFTP only fills it.
+        """
         if self.dry_run:
             self.say(f"[{self.name}] would write {remote} (mode 600, secret: not shown)")
             return
-        self._write_then_rename(remote, text, 0o600)
+        tmp = self._temporary(remote)
+        self.run(f"umask 077 && set -C && : > {quote(tmp)}", what=f"creating {tmp}")
+        self._fill_then_rename(tmp, remote, text, "w")
+
+    def _temporary(self, remote: str) -> str:
+        return posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.{secrets.token_hex(4)}")
 
     def _write_then_rename(self, remote: str, text: str, mode: int) -> None:
-        tmp = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.{secrets.token_hex(4)}")
+        tmp = self._temporary(remote)
+        self._fill_then_rename(tmp, remote, text, "wx", mode)
+
+    def _fill_then_rename(self, tmp: str, remote: str, text: str, how: str, mode: int | None = None):
         with self.transfer(f"writing {remote}"):
             sftp = self.sftp()
-            with sftp.open(tmp, "wx") as f:
-                # Tighten the mode while the file is still empty.
-                sftp.chmod(tmp, mode)
+            with sftp.open(tmp, how) as f:
+                if mode is not None:
+                    sftp.chmod(tmp, mode)
                 f.write(text.encode())
             sftp.posix_rename(tmp, remote)
 

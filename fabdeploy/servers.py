@@ -80,8 +80,10 @@ def serve_command(settings: Settings, layout: Layout, release: str, bind: str) -
         listen = (f"--unix-socket={quote(address)} --unix-socket-perms=660" if unix
                   else f"--listen={quote(address)}")
         call = " --call" if called else ""
+        # waitress (2.0+) strips X-Forwarded-* from untrusted peers, and over a unix socket
+        # the proxy is one; pass them on, as gunicorn does, for the app's ProxyFix.
         return (f"{python} {quote(venv + '/bin/waitress-serve')} {listen}"
-                f" --threads={4 * workers}{call} {quote(spec)}")
+                f" --threads={4 * workers} --no-clear-untrusted-proxy-headers{call} {quote(spec)}")
     # uWSGI, from the pyuwsgi wheel. --lazy-apps: each worker loads the app, as gunicorn's do.
     return (f"{quote(venv + '/bin/uwsgi')} --master --processes {workers} --http-socket {quote(address)}"
             f" --chmod-socket=660 --module {quote(settings['wsgi'])} --lazy-apps --need-app"

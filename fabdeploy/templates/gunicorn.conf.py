@@ -6,8 +6,10 @@ worker_class = {{worker_class}}
 timeout = {{timeout}}
 graceful_timeout = {{graceful_timeout}}
 chdir = {{release_dir}}
-# 0660 socket: only the app's user and nginx's group may connect.
-umask = 0o007
+# 0660 socket: only the app's user and nginx's group may connect. gunicorn
+# applies this umask only when it binds the socket (and to worker temp files),
+# and a socket's mode is 0777 less the umask.
+umask = 0o117
 # To stderr, which the release's serve script sends to the app's log.
 errorlog = "-"
 proc_name = {{proc_name}}
