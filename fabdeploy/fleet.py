@@ -118,10 +118,12 @@ def prepare(t: Target, r: Reporter, force: bool) -> None:
     r.step(t, "connect", ph.connect)
     r.step(t, "lock", ph.take_lock, "deploy")
     ph.check_unchanged(t, force)
-    if t.unchanged:
-        r.line(f"[{t.host.name}] {t.wheel.filename} is already current "
-               f"({t.current}); nothing to do (--force deploys it again)", always=True)
-        return
+    if not t.unchanged:
+        install_release(t, r)
+
+
+def install_release(t: Target, r: Reporter) -> None:
+    """The new release on the host, started on its own socket, and healthy."""
     r.step(t, "upload", ph.upload)
     r.step(t, "venv", ph.create_venv)
     r.step(t, "install", ph.install)
@@ -150,6 +152,8 @@ def go_live(t: Target, r: Reporter, event: str) -> None:
             r.line(f"[{t.host.name}] switched back to {old}: the new release failed through "
                    f"{t.settings['proxy']}",
                    always=True)
+        else:
+            ph.restore_site(t)  # a first deploy: leave the proxy as it was
         raise
     r.step(t, "switch", ph.publish, old, event)
 
@@ -166,6 +170,17 @@ def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int =
     live: list[Target] = []
     try:
         failures = r.each(targets, lambda t: prepare(t, r, force))
+        same = [t for t in targets if t.unchanged]
+        if not failures and 0 < len(same) < len(targets):
+            # After a partial rollout: one release name on every host, so those
+            # already serving this wheel take it again under the new name.
+            for t in same:
+                t.unchanged = False
+            failures = r.each(same, lambda t: install_release(t, r))
+        for t in targets:
+            if t.unchanged:
+                r.line(f"[{t.host.name}] {t.wheel.filename} is already current "
+                       f"({t.current}); nothing to do (--force deploys it again)", always=True)
         if failures:
             culprits = ", ".join(f.host for f in failures.values())
             r.each(targets, lambda t: abandon(t, f"preparing failed on {culprits}"))

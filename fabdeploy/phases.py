@@ -250,16 +250,28 @@ def configure_server(t: Target) -> None:
     t.host.write(t.layout.serve(t.release),
                  servers.serve_script(t.settings, t.layout, t.release, t.bind), mode=0o755)
     if t.manager == "systemd":
-        unit = render.systemd_unit(t.settings, t.layout, t.facts.get("user") or t.host.conn.user)
-        install_system_file(t, unit, f"/etc/systemd/system/{t.settings.app}@.service")
-        t.run(plan.daemon_reload(), "reloading systemd")
+        ensure_unit(t)
 
 
-def install_system_file(t: Target, text: str, dest: str) -> None:
-    tmp = f"{t.layout.state}/{dest.rsplit('/', 1)[1]}.new"
-    t.host.write(tmp, text)
-    t.run(plan.install_file(tmp, dest), f"installing {dest}",
-          hint="allow passwordless sudo for install, or make the directory writable")
+def ensure_unit(t: Target) -> None:
+    """The systemd unit as fabdeploy renders it: installed by root, never by the deploy user.
+
+    Whoever writes a unit chooses its User=, so a deploy user allowed to
+    install one is root. `provision` installs it; a deploy only checks it,
+    and installs it only where the user has full sudo anyway.
+    """
+    unit = render.systemd_unit(t.settings, t.layout, t.facts.get("user") or t.host.conn.user)
+    path = plan.unit_path(t.settings)
+    if t.host.dry_run or t.host.read(path) == unit:
+        return
+    tmp = f"{t.layout.state}/{t.settings.app}@.service.new"
+    t.host.write(tmp, unit)
+    result = t.run(f"{plan.install_file(tmp, path)} && {plan.daemon_reload()}",
+                   f"installing {path}", warn=True)
+    if result.failed:
+        raise DeployError(f"the systemd unit {path} is missing or out of date, and only root "
+                          "may install it", t.host.name,
+                          hint="run fab -H root@<host> provision (with the same settings)")
 
 
 def record_release(t: Target) -> None:
@@ -350,6 +362,13 @@ def cold_switch(t: Target, old: str | None) -> None:
             serve_publicly(t, old)
             t.release = new
         raise
+
+
+def restore_site(t: Target) -> None:
+    """Put back the site the last route replaced (or remove ours, if there was none)."""
+    saved = f"{t.layout.state}/site.conf.prev"
+    t.run(f"{plan.restore_copy(t.settings.proxy['site_path'], saved)} && "
+          f"{t.settings.proxy['reload_command']}", "restoring the proxy's site", warn=True)
 
 
 def publish(t: Target, old: str | None, event: str) -> None:

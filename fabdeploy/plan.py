@@ -295,6 +295,10 @@ def reload_servers(settings: Settings, layout: Layout, manager: str) -> str:
             ' kill -HUP "$(cat "$f")"; done; true')
 
 
+def unit_path(settings: Settings) -> str:
+    return f"/etc/systemd/system/{settings.app}@.service"
+
+
 def daemon_reload() -> str:
     return "sudo -n systemctl daemon-reload"
 

@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from shlex import quote
 
+from . import plan, render
 from .errors import DeployError
-from .layout import STATE_DIR
+from .layout import STATE_DIR, Layout
 from .settings import Settings
 
 STOCK_SITE = "/etc/nginx/sites-enabled/default"
+# A release's name, 20261121-103700-123 (layout.release_name), as a sudoers pattern.
+RELEASE_PATTERN = "-".join("[0-9]" * n for n in (8, 6, 3))
 
 
 @dataclass(frozen=True)
@@ -45,28 +48,31 @@ def public_key(settings: Settings, key_filename: str | list | None) -> str:
                       hint="set fabdeploy.provision.public_key to a .pub file")
 
 
+def absolute_root(settings: Settings, user: str) -> str:
+    """deploy_to, with ~/ taken to be /home/<user>, useradd's default."""
+    root = settings["deploy_to"]
+    return f"/home/{user}/{root[2:]}" if root.startswith("~/") else root
+
+
 def sudoers(settings: Settings, user: str) -> str:
     """Exactly the commands deploy, rollback and logs run as root; nothing else.
 
     A deploy_to under ~/ is taken to be under /home/<user>, useradd's default.
     """
-    app, root, site = settings.app, settings["deploy_to"], settings.nginx["site_path"]
-    if root.startswith("~/"):
-        root = f"/home/{user}/{root[2:]}"
+    app, root, site = settings.app, absolute_root(settings, user), settings.nginx["site_path"]
     state = f"{root}/{STATE_DIR}"
-    unit = f"{app}@*"
+    # sudo's * matches spaces too, so `app@*` would let further arguments (another
+    # unit, a unit file) through: a release's unit name only, a character class each.
+    unit = f"{app}@{RELEASE_PATTERN}.service"
     commands = [
-        "/usr/bin/systemctl daemon-reload",
         f"/usr/bin/systemctl start {unit}",
         f"/usr/bin/systemctl stop {unit}",
-        f"/usr/bin/systemctl reload {unit}",
         f"/usr/bin/systemctl enable --quiet {unit}",
         f"/usr/bin/systemctl disable --quiet {unit}",
         f"/usr/bin/systemctl disable --now --no-block {unit}",
-        f"/usr/bin/journalctl -u {unit}",
+        f"/usr/bin/systemctl reload {app}@\\*.service",  # the literal pattern, for rotate-secret
         "/usr/bin/systemctl reload nginx",
         "/usr/sbin/nginx -t",
-        f"/usr/bin/install -m 0644 {state}/{app}@.service.new /etc/systemd/system/{app}@.service",
         f"/usr/bin/install -m 0644 {state}/site.conf.new {site}",
         f"/usr/bin/install -m 0644 {state}/site.conf.prev {site}",
         f"/usr/bin/rm -f {site}",
@@ -91,6 +97,8 @@ def steps(settings: Settings, user: str, key: str) -> list[Step]:
         root = f"{home}/{root[2:]}"
     else:
         root = quote(root)
+    unit = render.systemd_unit(settings, Layout(absolute_root(settings, user)), user)
+    unit_file = plan.unit_path(settings)
     return [
         Step("packages " + " ".join(p["packages"]),
              f"for p in {packages}; do dpkg-query -W -f='${{Status}}' \"$p\" 2>/dev/null"
@@ -108,6 +116,10 @@ def steps(settings: Settings, user: str, key: str) -> list[Step]:
         Step(f"deploy_to {settings['deploy_to']}",
              f"[ -d {root} ] && [ \"$(stat -c %U {root})\" = {quote(user)} ]",
              f"mkdir -p {root} && chown {quote(user)}: {root}"),
+        # Only root writes the unit: whoever writes it picks the User= it runs as.
+        Step(f"systemd unit {unit_file}",
+             f"[ ! -d /run/systemd/system ] || printf '%s' {quote(unit)} | cmp -s - {unit_file}",
+             f"printf '%s' {quote(unit)} > {unit_file} && systemctl daemon-reload"),
         Step("nginx's stock default site off", f"[ ! -e {STOCK_SITE} ]",
              f"rm -f {STOCK_SITE} && nginx -t -q && systemctl reload nginx"),
         Step("nginx enabled and running", "systemctl is-enabled nginx && systemctl is-active nginx",

@@ -75,7 +75,9 @@ class Host:
                                    "and the user") from None
         except paramiko.SSHException as exc:
             if "known_hosts" in str(exc):
-                raise DeployError(f"unknown host key: the server is not in {path}", self.name,
+                # paramiko names the server it refused: this host, or a jump host on the way.
+                server = str(exc).split("'")[1] if str(exc).count("'") >= 2 else "the server"
+                raise DeployError(f"unknown host key: {server} is not in {path}", self.name,
                                   hint="verify its key and add it, e.g. ssh-keyscan after "
                                        "checking the fingerprint") from None
             raise DeployError(f"SSH failed: {exc}", self.name) from None
