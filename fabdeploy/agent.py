@@ -44,15 +44,12 @@ def lock_facts(lock_dir):
 
 
 def current_bind(root):
-    """The bind the current release's gunicorn was given (see gunicorn.conf.py)."""
+    """Where the current release's server listens (its BIND file, see phases.configure_server)."""
     try:
-        with open(os.path.join(root, "current", "gunicorn.conf.py")) as f:
-            for line in f:
-                if line.startswith("bind = ["):
-                    return line.split("'")[1]
-    except (OSError, IndexError):
-        pass
-    return None
+        with open(os.path.join(root, "current", "BIND")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def find_uv():
@@ -210,14 +207,21 @@ def get_status(args):
     try:
         conn.request("GET", args.path, headers={"Host": args.host_header})
         response = conn.getresponse()
-        served = response.getheader("X-Fabdeploy-Release")
-        if args.release and served != args.release:
-            return "X-Fabdeploy-Release is %r, not %r" % (served, args.release)
+        served = response.getheader("X-Fabdeploy-Site")
+        if args.stamp and served != args.stamp:
+            return "X-Fabdeploy-Site is %r, not %r" % (served, args.stamp)
+        if args.stamp and not 200 <= response.status < 300:
+            # It is our site and our release answering: no point asking again.
+            raise Final(response.status)
         return response.status
     except (OSError, http.client.HTTPException) as exc:
         return "%s: %s" % (type(exc).__name__, exc)
     finally:
         conn.close()
+
+
+class Final(Exception):
+    """An answer that settles the check: do not retry."""
 
 
 def server_gone(args, started):
@@ -246,7 +250,11 @@ def health(args):
     deadline = started + args.timeout
     last = "no answer"
     while True:
-        last = get_status(args)
+        try:
+            last = get_status(args)
+        except Final as answer:
+            last = "the release answered %s" % answer
+            break
         if isinstance(last, int) and 200 <= last < 300:
             print("ok %d" % last)
             return 0
@@ -277,7 +285,7 @@ def main(argv):
     p.add_argument("--timeout", type=float, default=30)
     p.add_argument("--pid-file")
     p.add_argument("--unit")
-    p.add_argument("--release", help="expect the proxy's X-Fabdeploy-Release header to say this")
+    p.add_argument("--stamp", help="expect the proxy's X-Fabdeploy-Site header to say this")
     args = parser.parse_args(argv)
     if args.command == "facts":
         return facts(args)

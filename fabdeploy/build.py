@@ -57,6 +57,17 @@ def source_files(project_dir: Path):
                 yield Path(root) / name
 
 
+def clean_copy(project_dir: Path, dest: Path) -> Path:
+    for path in source_files(project_dir):
+        target = dest / path.relative_to(project_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    if (project_dir / ".git").exists():
+        # Versions from git (setuptools-scm and the like) still find their history.
+        (dest / ".git").symlink_to((project_dir / ".git").resolve())
+    return dest
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "fabdeploy" / "wheels"
@@ -96,10 +107,13 @@ def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
     if len(wheels) == 1:
         return Wheel(wheels[0], sha256(wheels[0]))
     tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-build-"))
+    # From a clean copy of exactly the hashed sources: setuptools reuses build/lib,
+    # so a file deleted from the project would otherwise keep shipping.
+    source = clean_copy(project_dir, tmp / "src")
     if isolation_needed(project_dir, cache):
-        build_isolated(project_dir, tmp)
+        build_isolated(source, tmp)
     else:
-        build_here(project_dir, tmp)
+        build_here(source, tmp)
     built = sorted(tmp.glob("*.whl"))
     if len(built) != 1:
         raise DeployError(f"the build of {project_dir} made {len(built)} wheels, not one", host="local")

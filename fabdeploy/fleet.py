@@ -50,7 +50,9 @@ class Reporter:
             raise DeployError(f"interrupted before {name}")
         if name == self.pause_before:
             self.line(f"[{t.host.name}] paused before {name}", always=True)
-            time.sleep(600)
+            # Wait on the stop button, not in sleep(): Ctrl-C must end a pause like a phase.
+            if self.cancelled.wait(600):
+                raise DeployError(f"interrupted before {name}")
         started = time.monotonic()
         try:
             return fn(t, *args)

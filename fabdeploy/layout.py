@@ -96,6 +96,10 @@ class Layout:
     def failed_marker(self, name: str) -> str:
         return self._join("releases", name, "FAILED")
 
+    def bind_file(self, name: str) -> str:
+        """Where the release's server listens, for the next switch to know."""
+        return self._join("releases", name, "BIND")
+
     def serve(self, name: str) -> str:
         """The script that runs a release's server in the foreground."""
         return self._join("releases", name, "serve")
@@ -105,6 +109,11 @@ class Layout:
 
     def socket(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.sock")
+
+    @property
+    def live_socket(self) -> str:
+        """A link to the serving release's socket: the proxy connects through it."""
+        return self._join("shared", "run", "live.sock")
 
     def pid_file(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.pid")

@@ -76,6 +76,7 @@ def read_facts(t: Target) -> None:
                    hint=f"is {t.settings['python']} installed on the server?")
     t.facts = json.loads(result.stdout)
     t.layout = Layout(t.facts["root"])
+    t.host.root = t.layout.root
 
 
 # -- preparing --------------------------------------------------------------
@@ -90,6 +91,7 @@ def take_lock(t: Target, action: str) -> None:
     result = t.run(plan.facts(t.settings, info), "taking the deploy lock")
     t.facts = json.loads(result.stdout)
     t.layout = Layout(t.facts["root"])
+    t.host.root = t.layout.root
     check_server(t)
     if t.facts.get("lock_error"):
         raise DeployError(f"creating {t.layout.root} or its lock failed: {t.facts['lock_error']}",
@@ -249,6 +251,7 @@ def configure_server(t: Target) -> None:
         t.host.write(t.layout.gunicorn_conf(t.release), conf)
     t.host.write(t.layout.serve(t.release),
                  servers.serve_script(t.settings, t.layout, t.release, t.bind), mode=0o755)
+    t.host.write(t.layout.bind_file(t.release), t.bind + "\n")
     if t.manager == "systemd":
         ensure_unit(t)
 
@@ -277,7 +280,9 @@ def ensure_unit(t: Target) -> None:
 def record_release(t: Target) -> None:
     meta = {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
             "sha256": t.wheel.sha256, "deployed_at": now(), "deployed_by": who()}
-    t.host.write(t.layout.meta(t.release), json.dumps(meta, indent=2) + "\n")
+    # Aside until the switch renames it into place: a release killed before then stays
+    # partial, so neither rollback nor a later deploy's cleanup mistakes it for a good one.
+    t.host.write(t.layout.meta(t.release) + ".pending", json.dumps(meta, indent=2) + "\n")
     t.facts["releases"].append({"name": t.release, "state": "ready", "meta": meta})
 
 
@@ -307,14 +312,30 @@ def healthy(t: Target, release: str) -> None:
 # -- switching --------------------------------------------------------------
 
 def route_traffic(t: Target, release: str, active: str, backup: str | None) -> None:
-    """Point the proxy at `active`, with `backup` taking what `active` refuses.
+    """Send the proxy's traffic to `active`.
 
-    If the proxy rejects the site, the previous one is put back and nothing moves.
+    Over unix sockets the site points at shared/run/live.sock, and the switch
+    renames that link: no reload, which would drop requests on keep-alive
+    connections. The site itself is installed only when it changes. Over TCP
+    the site names `active`, with `backup` taking what it refuses, and is
+    reloaded. If the proxy rejects a site, the previous one is put back.
     """
+    if active.startswith("unix:"):
+        live = f"unix:{t.layout.live_socket}"
+        install_site(t, render.proxy_site(t.settings, release, live, live))
+        t.run(plan.switch_link(t.layout.live_socket, active[len("unix:"):]), "switching the live socket")
+    else:
+        install_site(t, render.proxy_site(t.settings, release, active, backup))
+
+
+def install_site(t: Target, site_text: str) -> None:
+    """Install, test and reload the proxy's site, unless it is already exactly this."""
     name = t.settings["proxy"]
     site = t.settings.proxy["site_path"]
+    if not t.host.dry_run and t.host.read(site) == site_text:
+        return
     tmp = f"{t.layout.state}/site.conf.new"
-    t.host.write(tmp, render.proxy_site(t.settings, release, active, backup))
+    t.host.write(tmp, site_text)
     result = t.run(plan.route(t.settings, tmp, site, f"{t.layout.state}/site.conf.prev"),
                    f"routing {name}", warn=True)
     if result is None or result.ok:
@@ -333,6 +354,7 @@ def serve_publicly(t: Target, release: str) -> None:
     t.release, t.bind = release, t.settings["direct"]["bind"]
     t.host.write(t.layout.serve(release),
                  servers.serve_script(t.settings, t.layout, release, t.bind), mode=0o755)
+    t.host.write(t.layout.bind_file(release), t.bind + "\n")
     if t.settings["server"] == "gunicorn":
         t.host.write(t.layout.gunicorn_conf(release),
                      render.gunicorn_conf(t.settings, t.layout, release, t.bind))
@@ -391,13 +413,14 @@ def stop_release(t: Target, release: str | None) -> None:
 def verify_through_proxy(t: Target) -> None:
     """The health path through the proxy answers 2xx, from the release we switched to."""
     name = t.settings["proxy"]
-    result = t.run(plan.health_via_proxy(t.settings, t.release, 10), f"health check through {name}",
+    expected = render.stamp(t.settings, t.release, t.bind)
+    result = t.run(plan.health_via_proxy(t.settings, expected, 10), f"health check through {name}",
                    warn=True)
     if result is None or result.ok:
         return
     answer = result.stdout.strip()
     hint = None
-    if "X-Fabdeploy-Release" in answer:
+    if "X-Fabdeploy-Site" in answer:
         hint = (f"another {name} site answers for this name, e.g. Debian's stock default site: "
                 f"remove it (fab provision does) or set {name}.server_name")
     raise DeployError(f"health check through {name} failed: {answer}", t.host.name, hint=hint)

@@ -206,13 +206,13 @@ def health(settings: Settings, layout: Layout, release: str, bind: str, manager:
                  "--path", settings["health_path"], "--timeout", timeout)
 
 
-def health_via_proxy(settings: Settings, release: str, timeout: float) -> str:
-    """Probe through the proxy, as a visitor would, expecting the release's stamp."""
+def health_via_proxy(settings: Settings, stamp: str, timeout: float) -> str:
+    """Probe through the proxy, as a visitor would, expecting the site's stamp."""
     proxy = settings.proxy
     host = "localhost" if proxy["server_name"] in ("_", "") else proxy["server_name"].split()[0]
     return agent(settings["python"], "health", "--tcp", f"127.0.0.1:{proxy['listen']}",
                  "--host-header", host, "--path", settings["health_path"], "--timeout", timeout,
-                 "--release", release)
+                 "--stamp", stamp)
 
 
 def as_owner(directory: str, command: str) -> str:
@@ -268,10 +268,23 @@ def restore_copy(path: str, backup: str) -> str:
     return f"if [ -f {quote(backup)} ]; then {put_back}; else {remove}; fi"
 
 
+def switch_link(link: str, target: str) -> str:
+    """Atomic, like `current`: a symlink under a temporary name, renamed over the link."""
+    tmp = quote(link + ".tmp")
+    return f"ln -sfn {quote(target)} {tmp} && mv -Tf {tmp} {quote(link)}"
+
+
 def switch_current(layout: Layout, release: str) -> str:
-    """Atomic: a symlink under a temporary name, renamed over `current`."""
+    """Atomic: a symlink under a temporary name, renamed over `current`.
+
+    A new release's RELEASE.json, written aside, is renamed into place in the
+    same command: a release becomes good only as it goes live.
+    """
     tmp = quote(layout.root + "/.current.tmp")
-    return f"ln -sfn {quote('releases/' + release)} {tmp} && mv -Tf {tmp} {quote(layout.current)}"
+    meta, pending = quote(layout.meta(release)), quote(layout.meta(release) + ".pending")
+    complete = f"if [ -f {pending} ]; then mv -f {pending} {meta}; fi"
+    return (f"{complete} && ln -sfn {quote('releases/' + release)} {tmp}"
+            f" && mv -Tf {tmp} {quote(layout.current)}")
 
 
 def mark_failed(layout: Layout, release: str, reason: str) -> str:

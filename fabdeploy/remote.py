@@ -20,9 +20,16 @@ from paramiko.ssh_exception import NoValidConnectionsError
 from .errors import DeployError, tail
 
 
-def failure(what: str, how: str, output: str) -> str:
+FULL_KIB = 4096  # under 4 MiB free after a failure: the disk is why
+
+
+def disk_full(output: str) -> bool:
+    return "No space left on device" in output or "Errno 28" in output or "os error 28" in output
+
+
+def failure(what: str, how: str, output: str, full: bool = False) -> str:
     """The one line for a failed step; a full disk is common and named as such."""
-    if "No space left on device" in output or "Errno 28" in output:
+    if full or disk_full(output):
         return f"{what} failed: the server's disk is full (the old release keeps serving)"
     return f"{what} failed ({how})"
 
@@ -43,6 +50,7 @@ class Host:
         self.out = out or sys.stdout
         port = f":{conn.port}" if conn.port and conn.port != 22 else ""
         self.name = f"{conn.user}@{conn.host}{port}"
+        self.root: str | None = None  # deploy_to, once known: where to look for free space
         self._sftp = None
 
     # -- connecting ---------------------------------------------------------
@@ -111,11 +119,32 @@ class Host:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise DeployError(f"lost the connection while {what}: {exc or type(exc).__name__}",
                               self.name, hint="check the network, then deploy again") from None
+        if result.exited == -1 and not self.conn.is_connected:
+            # paramiko's exit status when the channel closed with the connection.
+            raise DeployError(f"lost the connection while {what}", self.name,
+                              hint="check the network, then deploy again")
         if result.failed and not warn:
             output = (result.stderr.strip() or result.stdout.strip())
-            raise DeployError(failure(what, f"exit {result.exited}", output), self.name,
-                              hint=hint, detail=tail(output) or None)
+            full = disk_full(output) or self.nearly_full()
+            raise DeployError(failure(what, f"exit {result.exited}", output, full), self.name,
+                              hint=None if full else hint,
+                              detail=None if full else tail(output) or None)
         return result
+
+    def nearly_full(self) -> bool:
+        """After a failure: has deploy_to's filesystem (almost) no space left?
+
+        Tools do not always say so: python -m venv hides ensurepip's error,
+        and sftp-server answers ENOSPC with a bare 'Failure'.
+        """
+        if not self.root or not self.conn.is_connected:
+            return False
+        try:
+            df = self.conn.run(f"df -Pk {quote(self.root)}", hide=True, warn=True, in_stream=False)
+        except (paramiko.SSHException, EOFError, OSError):
+            return False
+        fields = df.stdout.splitlines()[-1].split() if df.ok and df.stdout.strip() else []
+        return len(fields) > 3 and fields[3].isdigit() and int(fields[3]) < FULL_KIB
 
     def reconnect(self) -> None:
         """A fresh connection after the old one died, e.g. to release the lock."""
@@ -172,7 +201,8 @@ class Host:
         try:
             yield
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise DeployError(failure(what, str(exc) or type(exc).__name__, str(exc)),
+            full = disk_full(str(exc)) or self.nearly_full()
+            raise DeployError(failure(what, str(exc) or type(exc).__name__, str(exc), full),
                               self.name) from None
 
     def write(self, remote: str, text: str, mode: int = 0o644) -> None:

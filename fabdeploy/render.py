@@ -21,6 +21,12 @@ def upstream_name(app: str) -> str:
     return "fabdeploy_" + re.sub(r"\W", "_", app)
 
 
+def stamp(settings: Settings, release: str, active_bind: str) -> str:
+    """What the site stamps on responses: the app, and over TCP (where each
+    switch rewrites the site) the release too."""
+    return settings.app if active_bind.startswith("unix:") else f"{settings.app}@{release}"
+
+
 def proxy_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
     """The proxy's site for this switch: nginx's or Apache's."""
     if settings["proxy"] == "apache":
@@ -40,7 +46,8 @@ def apache_site(settings: Settings, release: str, active_bind: str, backup_bind:
     backup = (f'        BalancerMember "{apache_member(backup_bind)}" status=+H\n'
               if backup_bind else "")
     return render("apache-site.conf", app=settings.app, upstream=upstream_name(settings.app),
-                  release=release, active=apache_member(active_bind), backup=backup,
+                  stamp=stamp(settings, release, active_bind), active=apache_member(active_bind),
+                  backup=backup,
                   listen=apache["listen"], server_name=server_name)
 
 
@@ -49,7 +56,7 @@ def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: 
     # gunicorn's bind syntax (unix:/x.sock, or host:port) is nginx's too.
     backup = f"    server {backup_bind} backup max_fails=0;\n" if backup_bind else ""
     return render("nginx-site.conf", app=settings.app, upstream=upstream_name(settings.app),
-                  release=release, active=active_bind, backup=backup,
+                  stamp=stamp(settings, release, active_bind), active=active_bind, backup=backup,
                   listen=nginx["listen"], server_name=nginx["server_name"])
 
 

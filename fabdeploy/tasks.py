@@ -19,7 +19,7 @@ from fabric import Connection
 from invoke import Task, task
 from invoke.exceptions import Exit
 
-from . import fleet, plan, provisioning, secret
+from . import fleet, plan, provisioning, render, secret
 from . import phases as ph
 from .build import build_wheel
 from .errors import DeployError
@@ -331,8 +331,12 @@ def host_status(t: ph.Target) -> dict:
     meta = current.meta if current else {}
     service = t.run(plan.server_state(t.settings, t.layout, t.current, t.manager),
                     "reading the service state", query=True, warn=True) if t.current else None
-    health = t.run(plan.health_via_proxy(t.settings, t.current, 5), "health check",
-                   query=True, warn=True) if t.current else None
+    if t.settings["proxy"] == "none":
+        probe = plan.health_direct(t.settings, t.settings["direct"]["bind"], 5)
+    else:
+        bind = t.facts.get("current_bind") or "unix:"
+        probe = plan.health_via_proxy(t.settings, render.stamp(t.settings, t.current, bind), 5)
+    health = t.run(probe, "health check", query=True, warn=True) if t.current else None
     return {"host": t.host.name, "current": t.current, "version": meta.get("version"),
             "deployed_at": meta.get("deployed_at"), "age": age(meta.get("deployed_at")),
             "manager": t.manager, "service": service.stdout.strip() if service else "none",

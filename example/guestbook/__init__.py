@@ -1,4 +1,6 @@
 """A guestbook: the Flask app fabdeploy's demo and tests deploy."""
+import os
+import sys
 from importlib.metadata import version
 
 from flask import Flask, jsonify, request, session
@@ -29,6 +31,8 @@ def create_app(test_config=None):
     def about():
         return jsonify(
             version=version("guestbook"),
+            # fabdeploy makes a venv per release: releases/<name>/venv.
+            release=os.path.basename(os.path.dirname(sys.prefix)),
             greeting=GREETING,
             entries=db.count(),
             secret_is_dev=app.config["SECRET_KEY"] == "dev",
