@@ -132,7 +132,7 @@ def make_root(root):
     """deploy_to and its directories; sudo only where the parent is not ours."""
     if not os.path.isdir(root):
         try:
-            os.makedirs(root)
+            os.makedirs(root, exist_ok=True)  # a racing deploy may make it first: the lock decides
         except PermissionError:
             owner = "%d:%d" % (os.getuid(), os.getgid())
             for argv in (["sudo", "-n", "mkdir", "-p", root], ["sudo", "-n", "chown", owner, root]):

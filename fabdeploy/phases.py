@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from .remote import Host
 from .settings import Settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
 
 @dataclass(eq=False)  # identity, so targets can key dicts
@@ -303,10 +305,24 @@ def healthy(t: Target, release: str) -> None:
                    "health check", warn=True)
     if result is None or result.ok:
         return
-    log = t.run(plan.tail_log(t.layout.app_log), "reading the app's log", query=True)
+    log = t.run(plan.tail_log(t.layout.app_log, 200), "reading the app's log", query=True)
     raise DeployError(f"release {release} is unhealthy: {result.stdout.strip()}", t.host.name,
                       hint="the old release keeps serving; see the app's error above",
-                      detail=tail(log.stdout, 20) if log and log.stdout.strip() else None)
+                      detail=app_error(log.stdout) if log and log.stdout.strip() else None)
+
+
+def app_error(log: str, lines: int = 20) -> str:
+    """The app's own error from the server's log, not the server's reaction to it.
+
+    Each worker prints the app's traceback, then gunicorn its own HaltServer:
+    show the last exception that is not the server's, with the lines before it.
+    """
+    text = log.rstrip().splitlines()
+    for end in range(len(text) - 1, -1, -1):
+        line = text[end]
+        if EXCEPTION_LINE.match(line) and not line.startswith(("gunicorn.", "SystemExit")):
+            return "\n".join(text[max(0, end - lines + 1):end + 1])
+    return tail(log, lines)
 
 
 # -- switching --------------------------------------------------------------
@@ -413,7 +429,8 @@ def stop_release(t: Target, release: str | None) -> None:
 def verify_through_proxy(t: Target) -> None:
     """The health path through the proxy answers 2xx, from the release we switched to."""
     name = t.settings["proxy"]
-    expected = render.stamp(t.settings, t.release, t.bind)
+    release = t.release or t.current  # rotate-secret checks what serves already
+    expected = render.stamp(t.settings, release, t.bind or t.facts.get("current_bind") or "unix:")
     result = t.run(plan.health_via_proxy(t.settings, expected, 10), f"health check through {name}",
                    warn=True)
     if result is None or result.ok:

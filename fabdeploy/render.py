@@ -43,7 +43,8 @@ def apache_site(settings: Settings, release: str, active_bind: str, backup_bind:
     apache = settings.values["apache"]
     name = apache["server_name"]
     server_name = "" if name in ("_", "") else f"    ServerName {name}\n"
-    backup = (f'        BalancerMember "{apache_member(backup_bind)}" status=+H\n'
+    # disablereuse: a pooled backend connection would outlive a switch of the live link.
+    backup = (f'        BalancerMember "{apache_member(backup_bind)}" status=+H disablereuse=On\n'
               if backup_bind else "")
     return render("apache-site.conf", app=settings.app, upstream=upstream_name(settings.app),
                   stamp=stamp(settings, release, active_bind), active=apache_member(active_bind),

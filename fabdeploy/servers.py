@@ -85,7 +85,11 @@ def serve_command(settings: Settings, layout: Layout, release: str, bind: str) -
         return (f"{python} {quote(venv + '/bin/waitress-serve')} {listen}"
                 f" --threads={4 * workers} --no-clear-untrusted-proxy-headers{call} {quote(spec)}")
     # uWSGI, from the pyuwsgi wheel. --lazy-apps: each worker loads the app, as gunicorn's do.
+    # Its http-socket closes the connection after every answer without saying so: a client
+    # or proxy that reuses it (Apache, a balancer) gets a reset. Say so, as gunicorn's sync
+    # workers do.
     return (f"{quote(venv + '/bin/uwsgi')} --master --processes {workers} --http-socket {quote(address)}"
+            f" --add-header {quote('Connection: close')}"
             f" --chmod-socket=660 --module {quote(settings['wsgi'])} --lazy-apps --need-app"
             " --die-on-term --vacuum --disable-logging")
 

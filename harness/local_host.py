@@ -1,5 +1,7 @@
-"""A throwaway SSH host on loopback: a real sshd and nginx, and a deploy user.
+"""A throwaway SSH host on loopback: a real sshd, a proxy (nginx or Apache httpd), and a deploy user.
 
+The proxy runs as the deploy user with a prefix of its own in the workdir, so
+that user can test and reload it without sudo, as fabdeploy does on a server.
 As root the deploy user is a new ``fdt-<hex>`` account, deleted on stop. As
 non-root it is the current user, and stop kills only what this harness started
 plus PIDs in ``*.pid`` files under ``~/srv`` written since start. The workdir
@@ -7,7 +9,7 @@ must be traversable by the deploy user: use a 0755 directory under /tmp
 (pytest's tmp_path sits below a 0700 directory). All state lives in
 ``<workdir>/state.json``, so another process can stop the host:
 
-    python -m harness.local_host start DIR   # daemons outlive the command
+    python -m harness.local_host start DIR [--proxy apache]   # daemons outlive the command
     python -m harness.local_host stop DIR
 """
 from __future__ import annotations
@@ -27,13 +29,95 @@ import subprocess
 import time
 
 SSHD, NGINX, RUNUSER = "/usr/sbin/sshd", "/usr/sbin/nginx", "/usr/sbin/runuser"
+APACHE, APACHE_MODULES = "/usr/sbin/apache2", "/usr/lib/apache2/modules"
+# What fabdeploy's Apache site needs, and what httpd needs to run at all (Debian
+# builds mod_unixd in: see `apache2 -l`; a LoadModule of it would fail).
+APACHE_LOAD = ("mpm_event", "authz_core", "proxy", "proxy_http", "proxy_balancer",
+               "slotmem_shm", "lbmethod_byrequests", "headers")
+PACKAGES = {SSHD: "openssh-server", NGINX: "nginx", APACHE: "apache2"}
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"  # about what sshd gives a non-root session
-SAFE_PATH = re.compile(r"^[\w./@+:-]+$")  # paths go unquoted into sshd_config and nginx.conf
+SAFE_PATH = re.compile(r"^[\w./@+:-]+$")  # paths go unquoted into sshd_config and the proxy's config
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
+class Nginx:
+    """nginx with a prefix of its own in the workdir, run by the deploy user."""
+
+    name = "nginx"
+    program = NGINX
+
+    def __init__(self, directory: pathlib.Path):
+        self.dir = directory
+        self.site_dir = directory / "sites"
+        self.pid_file = directory / "nginx.pid"
+        self.conf = directory / "nginx.conf"
+
+    def argv(self, *extra: str) -> list[str]:
+        return [NGINX, "-p", f"{self.dir}/", "-c", str(self.conf), *extra]
+
+    def start_argv(self) -> list[str]:
+        return self.argv()  # `daemon on`: the master forks and writes its pid file
+
+    def config(self, http_port: int) -> str:
+        """No server block and no `user` directive: sites bring their own listen."""
+        d = self.dir
+        temp = "".join(f"    {kind}_temp_path {d}/tmp/{kind};\n" for kind in TEMP_PATHS)
+        return (f"daemon on;\nworker_processes 1;\npid {self.pid_file};\nerror_log {d}/error.log;\n"
+                f"events {{ worker_connections 256; }}\n"
+                f"http {{\n    include /etc/nginx/mime.types;\n    access_log {d}/access.log;\n"
+                f"{temp}    include {self.site_dir}/*.conf;\n}}\n")
+
+    def settings(self, http_port: int, app: str) -> dict:
+        """fabdeploy's `nginx` block for this instance."""
+        return {"nginx": {"listen": http_port,
+                          "site_path": str(self.site_dir / f"{app}.conf"),
+                          "test_command": shlex.join(self.argv("-t")),
+                          "reload_command": shlex.join(self.argv("-s", "reload"))}}
+
+
+class Apache:
+    """Apache httpd with a ServerRoot of its own in the workdir, run by the deploy user."""
+
+    name = "apache"
+    program = APACHE
+
+    def __init__(self, directory: pathlib.Path):
+        self.dir = directory
+        self.site_dir = directory / "sites"
+        self.pid_file = directory / "apache2.pid"
+        self.conf = directory / "apache2.conf"
+
+    def argv(self, *extra: str) -> list[str]:
+        return [APACHE, "-f", str(self.conf), *extra]
+
+    def start_argv(self) -> list[str]:
+        return self.argv("-k", "start")  # forks; the master writes its pid file
+
+    def config(self, http_port: int) -> str:
+        """Only what fabdeploy's site needs; runtime files, mutexes and logs in the workdir."""
+        d = self.dir
+        modules = "".join(f"LoadModule {m}_module {APACHE_MODULES}/mod_{m}.so\n" for m in APACHE_LOAD)
+        return (f"ServerRoot {d}\nServerName localhost\nPidFile {self.pid_file}\n"
+                f"DefaultRuntimeDir {d}/tmp\nMutex file:{d}/tmp default\n"
+                f"ErrorLog {d}/error.log\nLogLevel warn\n{modules}"
+                f"StartServers 1\nListen 127.0.0.1:{http_port}\n"
+                f'LogFormat "%h \\"%r\\" %>s %b %D" brief\nCustomLog {d}/access.log brief\n'
+                f"IncludeOptional {self.site_dir}/*.conf\n")
+
+    def settings(self, http_port: int, app: str) -> dict:
+        """fabdeploy's `proxy: apache` and `apache` block for this instance."""
+        return {"proxy": "apache",
+                "apache": {"listen": http_port,
+                           "site_path": str(self.site_dir / f"{app}.conf"),
+                           "test_command": shlex.join(self.argv("-t")),
+                           "reload_command": shlex.join(self.argv("-k", "graceful"))}}
+
+
+PROXIES = {"nginx": Nginx, "apache": Apache}
+
+
 class LocalHost:
-    """A throwaway SSH host on loopback: a real sshd and nginx, and a deploy user."""
+    """A throwaway SSH host on loopback: a real sshd, nginx or Apache, and a deploy user."""
 
     host = "127.0.0.1"
     user = property(lambda self: self._state.get("user"))
@@ -43,40 +127,54 @@ class LocalHost:
     host_string = property(lambda self: f"{self.user}@{self.host}:{self.ssh_port}")
     url = property(lambda self: f"http://{self.host}:{self.http_port}/")
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, proxy: str = "nginx"):
         self.workdir = pathlib.Path(workdir).absolute()
         if not SAFE_PATH.match(str(self.workdir)):
             raise ValueError(f"workdir must be a plain path: {str(self.workdir)!r}")
-        self.ssh_dir, self.nginx_dir = self.workdir / "ssh", self.workdir / "nginx"
+        if proxy not in PROXIES:
+            raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, not {proxy!r}")
+        self.ssh_dir = self.workdir / "ssh"
+        self._use_proxy(proxy)
         self.key_file = self.ssh_dir / "id_ed25519"
         self.known_hosts = self.ssh_dir / "known_hosts"
-        self.site_dir = self.nginx_dir / "sites"
         self.state_file = self.workdir / "state.json"
         self._state: dict = {}
 
     @classmethod
     def load(cls, workdir: pathlib.Path) -> "LocalHost":
         """Rebuild a host from its state.json, e.g. to stop it from another process."""
-        host = cls(workdir)
-        host._state = host._read_state()
+        state = cls(workdir)._read_state()
+        host = cls(workdir, proxy=state.get("proxy", "nginx"))
+        host._state = state
         return host
 
+    def _use_proxy(self, name: str) -> None:
+        """Set the proxy this host runs, with its directories."""
+        self.proxy = PROXIES[name](self.workdir / name)
+        self.nginx_dir = self.proxy.dir  # the proxy's prefix, whichever it is (an older name)
+        self.site_dir = self.proxy.site_dir
+
+    @property
+    def proxy_pid_key(self) -> str:
+        """state.json's key for the proxy's master PID: nginx_pid or apache_pid."""
+        return f"{self.proxy.name}_pid"
+
     def start(self) -> "LocalHost":
-        """Start sshd and nginx; on failure undo whatever was done, then re-raise."""
+        """Start sshd and the proxy; on failure undo whatever was done, then re-raise."""
         if self._state.get("running"):
             return self
         if self._read_state().get("running"):
             raise RuntimeError(f"{self.workdir} holds a running host: LocalHost.load() it, or stop it")
         try:
-            _ensure_packages()
+            _ensure_packages([SSHD, self.proxy.program])
             _make_dirs(self.workdir)
-            self._state = {"running": True, "started_at": time.time()}
+            self._state = {"running": True, "started_at": time.time(), "proxy": self.proxy.name}
             self._create_user()
             self._state["ssh_port"], self._state["http_port"] = _free_ports(2)
             self._write_ssh_files()
             self._start_sshd()
-            self._write_nginx_files()
-            self._start_nginx()
+            self._write_proxy_files()
+            self._start_proxy()
             self._wait_for_ssh()
         except BaseException:
             self.stop()
@@ -88,7 +186,9 @@ class LocalHost:
         self._state = self._state or self._read_state()
         if not self._state:
             return
-        self._stop_daemon(_read_pid(self.nginx_dir / "nginx.pid") or self._state.get("nginx_pid"))
+        # What state.json says ran wins: LocalHost(dir).stop() is a safety net for any host.
+        self._use_proxy(self._state.get("proxy", self.proxy.name))
+        self._stop_daemon(_read_pid(self.proxy.pid_file) or self._state.get(self.proxy_pid_key))
         self._stop_daemon(self._state.get("sshd_pid"))
         if self._state.get("created_user"):
             self._remove_user()
@@ -108,10 +208,7 @@ class LocalHost:
         return {"deploy_to": f"~/srv/{app}",
                 "known_hosts": str(self.known_hosts),
                 "gunicorn": {"manager": "pidfile"},
-                "nginx": {"listen": self.http_port,
-                          "site_path": str(self.site_dir / f"{app}.conf"),
-                          "test_command": shlex.join(self._nginx_argv("-t")),
-                          "reload_command": shlex.join(self._nginx_argv("-s", "reload"))}}
+                **self.proxy.settings(self.http_port, app)}
 
     def fabric_yaml(self, app: str) -> dict:
         """A whole fabric.yaml that deploys `app` to this host."""
@@ -199,39 +296,34 @@ Subsystem sftp internal-sftp
         self._state["sshd_pid"] = proc.pid
         self._save()
 
-    def _write_nginx_files(self) -> None:
-        """An nginx prefix owned by the user: conf, pid, logs, temp dirs and the site dir."""
-        shutil.rmtree(self.nginx_dir, ignore_errors=True)
-        d = self.nginx_dir
-        temp = "".join(f"    {kind}_temp_path {d}/tmp/{kind};\n" for kind in TEMP_PATHS)
-        # No server block and no `user` directive: sites bring their own listen.
-        conf = (f"daemon on;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
-                f"events {{ worker_connections 256; }}\n"
-                f"http {{\n    include /etc/nginx/mime.types;\n    access_log {d}/access.log;\n"
-                f"{temp}    include {self.site_dir}/*.conf;\n}}\n")
+    def _write_proxy_files(self) -> None:
+        """The proxy's prefix, owned by the user: its config, a tmp dir and the site dir."""
+        shutil.rmtree(self.proxy.dir, ignore_errors=True)
+        d = self.proxy.dir
         for sub in (d, d / "tmp", self.site_dir):
             sub.mkdir(mode=0o755)
-        (d / "nginx.conf").write_text(conf)
-        for path in (d, d / "tmp", self.site_dir, d / "nginx.conf"):
+        self.proxy.conf.write_text(self.proxy.config(self.http_port))
+        for path in (d, d / "tmp", self.site_dir, self.proxy.conf):
             os.chown(path, self._state["uid"], self._state["gid"])
         if self.run_as_user(f"test -w {shlex.quote(str(self.site_dir))}", check=False).returncode:
             raise RuntimeError(f"{self.user} cannot reach {self.site_dir}: use a workdir whose "
                                "parents others can traverse, e.g. a 0755 directory under /tmp")
 
-    def _start_nginx(self) -> None:
-        """Start nginx as the user (daemon on) and record the master PID from its pid file."""
-        with open(self.nginx_dir / "start.log", "wb") as log:  # a file, not a pipe: no hang
-            code = subprocess.run(self._as_user(self._nginx_argv()), env=self._user_env(),
+    def _start_proxy(self) -> None:
+        """Start the proxy as the user (it daemonises) and record its master PID from its pid file."""
+        d = self.proxy.dir
+        with open(d / "start.log", "wb") as log:  # a file, not a pipe: no hang
+            code = subprocess.run(self._as_user(self.proxy.start_argv()), env=self._user_env(),
                                   cwd=self.home, stdin=subprocess.DEVNULL, stdout=log,
                                   stderr=log).returncode
         deadline = time.monotonic() + 5
-        while code == 0 and not _read_pid(self.nginx_dir / "nginx.pid") and time.monotonic() < deadline:
+        while code == 0 and not _read_pid(self.proxy.pid_file) and time.monotonic() < deadline:
             time.sleep(0.02)  # the daemonised master writes its pid file just after the fork
-        self._state["nginx_pid"] = _read_pid(self.nginx_dir / "nginx.pid")
+        self._state[self.proxy_pid_key] = _read_pid(self.proxy.pid_file)
         self._save()
-        if not self._state["nginx_pid"]:
-            raise RuntimeError("nginx did not start:\n" + _tail(self.nginx_dir / "start.log")
-                               + _tail(self.nginx_dir / "error.log"))
+        if not self._state[self.proxy_pid_key]:
+            raise RuntimeError(f"{self.proxy.name} did not start:\n" + _tail(d / "start.log")
+                               + _tail(d / "error.log"))
 
     def _wait_for_ssh(self, timeout: float = 15) -> None:
         """Return once a real, strictly host-key-checked ssh login works; else raise with sshd's log."""
@@ -283,9 +375,6 @@ Subsystem sftp internal-sftp
 
     # -- small helpers
 
-    def _nginx_argv(self, *extra: str) -> list[str]:
-        return [NGINX, "-p", f"{self.nginx_dir}/", "-c", str(self.nginx_dir / "nginx.conf"), *extra]
-
     def _as_user(self, argv: list[str]) -> list[str]:
         return [RUNUSER, "-u", self.user, "--", *argv] if self._state.get("created_user") else argv
 
@@ -309,9 +398,9 @@ Subsystem sftp internal-sftp
         tmp.replace(self.state_file)
 
 
-def _ensure_packages() -> None:
-    """apt-get install openssh-server and nginx if missing (root only)."""
-    missing = [pkg for path, pkg in ((SSHD, "openssh-server"), (NGINX, "nginx")) if not os.path.exists(path)]
+def _ensure_packages(programs: list[str]) -> None:
+    """apt-get install the packages of the programs that are missing (root only)."""
+    missing = [PACKAGES[path] for path in programs if not os.path.exists(path)]
     if missing and os.geteuid() != 0:
         raise RuntimeError(f"missing packages, run: apt-get install {' '.join(missing)}")
     if missing:
@@ -426,9 +515,10 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Start or stop a throwaway loopback host.")
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("dir", type=pathlib.Path)
+    parser.add_argument("--proxy", choices=list(PROXIES), default="nginx", help="with start")
     args = parser.parse_args(argv)
     if args.action == "start":
-        print(LocalHost(args.dir).start().state_file.read_text(), end="")
+        print(LocalHost(args.dir, proxy=args.proxy).start().state_file.read_text(), end="")
     else:
         LocalHost.load(args.dir).stop()
 

@@ -23,3 +23,5 @@ def project(tmp_path, host):
     yield proj
     host.run_as_user("for p in ~/srv/guestbook/shared/run/*.pid; do [ -f \"$p\" ] && "
                      "kill \"$(cat \"$p\")\"; done; rm -rf ~/srv", check=False)
+    # As on a fresh host: no site either (nginx keeps the old one in memory until a reload).
+    (host.site_dir / "guestbook.conf").unlink(missing_ok=True)

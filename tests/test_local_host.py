@@ -1,5 +1,6 @@
 """The loopback host harness: real sshd, nginx and (as root) a throwaway user."""
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 import fabric
@@ -254,3 +256,57 @@ def test_fabric_connects_strictly_and_uploads(host):
         conn.put(io.StringIO("uploaded\n"), name)  # relative: resolved against the SFTP home
         assert (host.home / name).read_text() == "uploaded\n"
         conn.sftp().remove(name)
+
+
+@pytest.fixture
+def apache_host(workdir):
+    with LocalHost(workdir, proxy="apache") as host:
+        yield host
+
+
+def test_apache_variant_serves_a_site_the_user_tests_and_reloads(apache_host, workdir):
+    """proxy="apache": Apache httpd run by the user, configtest and graceful without sudo."""
+    host = apache_host
+    settings = host.settings("demo")
+    assert settings["proxy"] == "apache" and "nginx" not in settings
+    apache = settings["apache"]
+    assert apache["listen"] == host.http_port
+    assert apache["site_path"] == str(host.site_dir / "demo.conf")
+    state = json.loads((workdir / "state.json").read_text())
+    assert state["proxy"] == "apache" and alive(state["apache_pid"])
+    # fabdeploy's preflight looks for apache2ctl on the user's PATH plus /usr/sbin.
+    assert ssh(host, "PATH=$PATH:/usr/sbin command -v apache2ctl").returncode == 0
+    site = (f"<VirtualHost *:{host.http_port}>\n"
+            "    Header always set X-Fdt yes\n</VirtualHost>\n")
+    result = subprocess.run(host.ssh_argv(f"cat > {apache['site_path']}"), input=site,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    for command in (apache["test_command"], apache["reload_command"]):
+        result = ssh(host, command)
+        assert result.returncode == 0, result.stderr
+    assert headers_of(host.url).get("X-Fdt") == "yes"
+    # A broken site fails the test command, with Apache's own message.
+    result = ssh(host, f"echo 'Nonsense yes' > {apache['site_path']} && {apache['test_command']}")
+    assert result.returncode != 0 and "Nonsense" in result.stderr
+    pids = [state["apache_pid"], *children(state["apache_pid"])]
+    LocalHost.load(workdir).stop()  # load() finds that Apache ran, and stops it by its PID
+    assert [p for p in pids if alive(p)] == []
+
+
+def headers_of(url, timeout=10):
+    """The headers of an answer of any status, once a reload has applied."""
+    deadline, parts = time.monotonic() + timeout, urllib.parse.urlsplit(url)
+    while True:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+            if response.getheader("X-Fdt") or time.monotonic() > deadline:
+                return dict(response.getheaders())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            conn.close()
+        time.sleep(0.1)

@@ -129,6 +129,17 @@ def test_agent_runs_from_a_command_line(tmp_path):
     assert facts["root_exists"] is False and facts["releases"] == [] and facts["lock"] is None
 
 
+def test_the_agent_knows_where_the_current_release_listens(tmp_path):
+    """Whatever the server: the next release takes the other port, and the proxy a backup."""
+    root = tmp_path / "app"
+    (root / "releases" / "R1").mkdir(parents=True)
+    (root / "current").symlink_to("releases/R1")
+    (root / "releases" / "R1" / "BIND").write_text("127.0.0.1:8000\n")
+    words = shlex.split(plan.agent(sys.executable, "facts", "--root", str(root)))
+    facts = json.loads(subprocess.run(words, capture_output=True, text=True, check=True).stdout)
+    assert facts["current_bind"] == "127.0.0.1:8000"
+
+
 def test_health_probe_targets_the_release_socket_and_watches_its_process():
     s = settings()
     command = plan.health(s, Layout("/srv/guestbook"), "R1", "unix:/srv/guestbook/shared/run/R1.sock",
@@ -242,10 +253,23 @@ def test_serve_scripts_log_unset_port_and_bind_the_release_socket():
                            ("waitress", "--unix-socket=/s.sock --unix-socket-perms=660 --threads=8 "
                                         "--no-clear-untrusted-proxy-headers --call "
                                         "guestbook:create_app"),
-                           ("uwsgi", "--http-socket /s.sock --chmod-socket=660 --module "
-                                     "'guestbook:create_app()'")):
+                           # uWSGI says that it closes the connection, so no proxy reuses it.
+                           ("uwsgi", "--http-socket /s.sock --add-header 'Connection: close' "
+                                     "--chmod-socket=660 --module 'guestbook:create_app()'")):
         script = servers.serve_script(settings(server=server), layout, "R1", "unix:/s.sock")
         assert "exec >> /srv/guestbook/shared/log/app.log 2>&1" in script
         assert "unset PORT" in script and needle in script, script
     tcp = servers.serve_script(settings(server="waitress"), layout, "R1", "127.0.0.1:8000")
     assert "--listen=127.0.0.1:8000" in tcp
+
+
+def test_the_apps_own_error_is_picked_from_the_servers_log():
+    from fabdeploy.phases import app_error
+    log = ("Traceback (most recent call last):\n  File \"app.py\", line 3\n"
+           "RuntimeError: boom at import\n[INFO] Worker exiting\n"
+           "Traceback (most recent call last):\n  File \"arbiter.py\"\n"
+           "gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>\n\n"
+           "During handling of the above exception, another exception occurred:\n\n"
+           "Traceback (most recent call last):\nSystemExit: 1\n")
+    assert app_error(log).endswith("RuntimeError: boom at import")
+    assert app_error("no traceback here\n") == "no traceback here"
