@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +86,20 @@ def isolation_needed(project_dir: Path, cache: Path) -> bool:
     if memo.exists():
         return memo.read_text() == "isolated"
     try:
-        from build import ProjectBuilder
+        from build import BuildBackendException, ProjectBuilder, check_dependency
         from pyproject_hooks import quiet_subprocess_runner
         builder = ProjectBuilder(project_dir, runner=quiet_subprocess_runner)
-        needed = bool(builder.check_dependencies("wheel"))
-    except Exception:  # any doubt: the isolated build is the safe one
+        if any(any(check_dependency(req)) for req in builder.build_system_requires):
+            needed = True
+        else:
+            try:
+                needed = bool(builder.check_dependencies("wheel"))
+            except BuildBackendException:
+                # The backend is here and runs, but fails: the project is broken. Building
+                # here shows its own error; an isolated env would only add a download (and
+                # offline, show pip's error instead).
+                needed = False
+    except Exception:  # any other doubt: the isolated build is the safe one
         needed = True
     cache.mkdir(parents=True, exist_ok=True)
     memo.write_text("isolated" if needed else "shared")
@@ -105,23 +115,25 @@ def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
     out_dir = cache / source_key(project_dir)
     wheels = sorted(out_dir.glob("*.whl"))
     if len(wheels) == 1:
+        os.utime(out_dir)  # a hit is a use: prune() drops the least recently used
         return Wheel(wheels[0], sha256(wheels[0]))
     tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-build-"))
-    # From a clean copy of exactly the hashed sources: setuptools reuses build/lib,
-    # so a file deleted from the project would otherwise keep shipping.
-    source = clean_copy(project_dir, tmp / "src")
-    if isolation_needed(project_dir, cache):
-        build_isolated(source, tmp)
-    else:
-        build_here(source, tmp)
-    built = sorted(tmp.glob("*.whl"))
-    if len(built) != 1:
-        raise DeployError(f"the build of {project_dir} made {len(built)} wheels, not one", host="local")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Rename last: a wheel in the cache is always complete.
-    final = out_dir / built[0].name
-    shutil.move(str(built[0]), str(final))
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # From a clean copy of exactly the hashed sources: setuptools reuses build/lib,
+        # so a file deleted from the project would otherwise keep shipping.
+        source = clean_copy(project_dir, tmp / "src")
+        build = build_isolated if isolation_needed(project_dir, cache) else build_here
+        build(source, tmp, project_dir)
+        built = sorted(tmp.glob("*.whl"))
+        if len(built) != 1:
+            raise DeployError(f"the build of {project_dir} made {len(built)} wheels, not one",
+                              host="local")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Rename last: a wheel in the cache is always complete.
+        final = out_dir / built[0].name
+        shutil.move(str(built[0]), str(final))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build too: it holds a copy of the sources
     prune(cache)
     return Wheel(final, sha256(final))
 
@@ -131,20 +143,20 @@ def build_failed(project_dir: Path, output: str) -> DeployError:
                        hint="fix the build, then deploy again", detail=tail(output))
 
 
-def build_isolated(project_dir: Path, out_dir: Path) -> None:
-    """`python -m build`: a fresh environment with the build requirements."""
-    argv = [sys.executable, "-m", "build", "--wheel", "--outdir", str(out_dir), str(project_dir)]
+def build_isolated(source: Path, out_dir: Path, project_dir: Path) -> None:
+    """`python -m build` of the copy in source: a fresh environment with the build requirements."""
+    argv = [sys.executable, "-m", "build", "--wheel", "--outdir", str(out_dir), str(source)]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if result.returncode != 0:
         raise build_failed(project_dir, result.stdout + result.stderr)
 
 
-def build_here(project_dir: Path, out_dir: Path) -> None:
+def build_here(source: Path, out_dir: Path, project_dir: Path) -> None:
     """Only the backend's build_wheel hook, from this environment: one process, not three."""
     from build import BuildBackendException, ProjectBuilder
     from pyproject_hooks import quiet_subprocess_runner
     try:
-        ProjectBuilder(project_dir, runner=quiet_subprocess_runner).build("wheel", out_dir)
+        ProjectBuilder(source, runner=quiet_subprocess_runner).build("wheel", out_dir)
     except BuildBackendException as exc:
         output = getattr(exc.exception, "output", None) or str(exc)
         raise build_failed(project_dir, output.decode(errors="replace")
@@ -154,5 +166,7 @@ def build_here(project_dir: Path, out_dir: Path) -> None:
 def prune(cache: Path, keep: int = 20) -> None:
     """Keep the newest wheels only: the cache is a speed-up, not an archive."""
     entries = sorted((d for d in cache.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    in_use = time.time() - 3600  # another fab on this machine may be uploading it right now
     for old in entries[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.stat().st_mtime < in_use:
+            shutil.rmtree(old, ignore_errors=True)

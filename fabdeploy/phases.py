@@ -89,6 +89,8 @@ def take_lock(t: Target, action: str) -> None:
     if t.host.dry_run:
         read_facts(t)
         check_server(t)
+        t.host.say(f"[{t.host.name}] would create {t.layout.root} and its directories (where "
+                   f"missing) and take the lock {t.layout.lock}: {json.dumps(info)}")
         return
     result = t.run(plan.facts(t.settings, info), "taking the deploy lock")
     t.facts = json.loads(result.stdout)
@@ -305,10 +307,17 @@ def healthy(t: Target, release: str) -> None:
                    "health check", warn=True)
     if result is None or result.ok:
         return
-    log = t.run(plan.tail_log(t.layout.app_log, 200), "reading the app's log", query=True)
-    raise DeployError(f"release {release} is unhealthy: {result.stdout.strip()}", t.host.name,
+    log = t.run(plan.tail_log(t.layout.app_log, 400), "reading the app's log", query=True)
+    answer = result.stdout.strip().removeprefix("unhealthy: ")
+    raise DeployError(f"release {release} is unhealthy: {answer}", t.host.name,
                       hint="the old release keeps serving; see the app's error above",
-                      detail=app_error(log.stdout) if log and log.stdout.strip() else None)
+                      detail=app_error(this_run(log.stdout, release)) if log and log.stdout.strip() else None)
+
+
+def this_run(log: str, release: str) -> str:
+    """The shared log's lines since the release last started (its serve script's marker)."""
+    marker = servers.start_marker(release) + "\n"
+    return log.rsplit(marker, 1)[1] if marker in log else log
 
 
 def app_error(log: str, lines: int = 20) -> str:
@@ -322,7 +331,8 @@ def app_error(log: str, lines: int = 20) -> str:
         line = text[end]
         if EXCEPTION_LINE.match(line) and not line.startswith(("gunicorn.", "SystemExit")):
             return "\n".join(text[max(0, end - lines + 1):end + 1])
-    return tail(log, lines)
+    # No traceback (e.g. gunicorn's "Failed to find attribute"): the run's first lines say it.
+    return "\n".join(text[:lines])
 
 
 # -- switching --------------------------------------------------------------

@@ -94,11 +94,17 @@ def serve_command(settings: Settings, layout: Layout, release: str, bind: str) -
             " --die-on-term --vacuum --disable-logging")
 
 
+def start_marker(release: str) -> str:
+    """The line each start of a release writes to the shared log first."""
+    return f"== fabdeploy: release {release} starting =="
+
+
 def serve_script(settings: Settings, layout: Layout, release: str, bind: str) -> str:
     """The release's `serve`: its output to the app's log, $PORT unset, then the server."""
     return (f"#!/bin/sh\n"
             f"# Written by fabdeploy: runs release {release} of {settings.app} in the foreground.\n"
             f"exec >> {quote(layout.app_log)} 2>&1\n"
+            f"echo {quote(start_marker(release))}\n"
             f"cd {quote(layout.release(release))} || exit 1\n"
             f"# gunicorn would bind 0.0.0.0:$PORT if PORT were set.\n"
             f"unset PORT\n"

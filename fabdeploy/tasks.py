@@ -381,9 +381,11 @@ def status(c, stage=None, json=False):
 def run_logs(c, conns, stage=None, follow=False, lines=50):
     def show(t: ph.Target) -> None:
         print(f"==> {t.host.name}: {t.layout.app_log}", flush=True)
-        # Streams straight through: with --follow, Ctrl-C ends it.
+        # Streams straight through. --follow needs a pty: without one, Fabric re-raises
+        # Ctrl-C (and our SIGTERM) and Invoke then waits forever for tail's output;
+        # with one, the ^C reaches tail, which ends, and so does the command.
         t.host.conn.run(plan.tail_log(t.layout.app_log, int(lines), follow), in_stream=False,
-                        warn=True, pty=False)
+                        warn=True, pty=bool(follow))
     each_host(c, conns, show, stage)
 
 
