@@ -295,3 +295,25 @@ def served_version(url: str, path: str = "/about", timeout: float = 10) -> str |
     if not 200 <= response.status < 300:
         raise AssertionError(f"GET {path} answered {response.status}: {body[:200]!r}")
     return version_of(body)
+
+
+def under_load(url: str, action, threads: int, warm_up: int, after: float,
+               max_requests: int, max_seconds: float):
+    """Run action() while the load runs; return (load result, action's result, its window)."""
+    with Load(url, path="/about", threads=threads, max_requests=max_requests,
+              max_seconds=max_seconds) as load:
+        load.wait_for_successes(warm_up)
+        began = load.now()
+        outcome = action()
+        ended = load.now()
+        time.sleep(after)
+    result = load.result()
+    # The load must have covered the whole switch, not run out before it ended.
+    assert result.stop_reason == "asked", "the load ran out before the action ended: " + result.summary()
+    return result, outcome, (began, ended)
+
+
+def assert_no_failed_request(result) -> None:
+    """Not one request failed: no error status, no refused or dropped connection."""
+    assert not result.hard_failures and not result.dropped_keepalive, result.summary()
+

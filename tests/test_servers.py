@@ -32,7 +32,8 @@ import pytest
 
 from harness.local_host import LocalHost
 from harness.project import Project, traversable_tmpdir
-from load import Load, flips
+import load
+from load import flips
 
 pytestmark = pytest.mark.host
 
@@ -331,17 +332,7 @@ def assert_proxy_fix(d: Deployment) -> None:
 # -- load -----------------------------------------------------------------------------
 
 def under_load(d: Deployment, action):
-    """Run action() under steady load on /about; return (result, action's outcome, its window)."""
-    with Load(d.url, path="/about", threads=THREADS, max_requests=MAX_REQUESTS,
-              max_seconds=MAX_SECONDS) as load:
-        load.wait_for_successes(WARM_UP)
-        began = load.now()
-        outcome = action()
-        ended = load.now()
-        time.sleep(AFTER)
-    result = load.result()
-    assert result.stop_reason == "asked", "the load ran out before the deploy ended: " + result.summary()
-    return result, outcome, (began, ended)
+    return load.under_load(d.url, action, THREADS, WARM_UP, AFTER, MAX_REQUESTS, MAX_SECONDS)
 
 
 def report(what: str, d: Deployment, result, window) -> None:
@@ -351,11 +342,6 @@ def report(what: str, d: Deployment, result, window) -> None:
     print(f"{what} {d.case}: {len(failed)} failed of {result.total} "
           f"({len(result.dropped_keepalive)} dropped keep-alive, {len(result.hard_failures)} hard), "
           f"failing for {span}; deploy took {window[1] - window[0]:.1f}s\n{result.summary(5)}")
-
-
-def assert_no_failed_request(result, window) -> None:
-    """Not one request failed: no error status, no refused or dropped connection."""
-    assert not result.hard_failures and not result.dropped_keepalive, result.summary()
 
 
 def assert_cold_switch_gap_only(result, window) -> None:
@@ -411,7 +397,7 @@ def test_serves_redeploys_rolls_back_and_refuses_a_broken_release(case, deployme
     if case.proxy == "none":
         assert_cold_switch_gap_only(result, window)
     else:
-        assert_no_failed_request(result, window)
+        load.assert_no_failed_request(result)
     assert_each_thread_moved_once(result, "1.0.0", "1.1.0")
 
     d.project.fab("rollback")

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from load import Load, flips, served_version, version_of
+import load
+from load import flips, served_version, version_of
 
 pytestmark = pytest.mark.host
 
@@ -31,23 +32,7 @@ def current_of(project) -> str:
 
 
 def under_load(host, action):
-    """Run action() while the load runs; return (load result, action's result, its window)."""
-    with Load(host.url, path="/about", threads=THREADS, max_requests=MAX_REQUESTS,
-              max_seconds=MAX_SECONDS) as load:
-        load.wait_for_successes(WARM_UP)
-        began = load.now()
-        outcome = action()
-        ended = load.now()
-        time.sleep(AFTER)
-    result = load.result()
-    # The load must have covered the whole switch, not run out before it ended.
-    assert result.stop_reason == "asked", result.summary()
-    return result, outcome, (began, ended)
-
-
-def assert_no_failed_request(result, window) -> None:
-    """Not one request failed: no error status, no refused or dropped connection."""
-    assert not result.hard_failures and not result.dropped_keepalive, result.summary()
+    return load.under_load(host.url, action, THREADS, WARM_UP, AFTER, MAX_REQUESTS, MAX_SECONDS)
 
 
 def assert_each_thread_flipped_once(result, old: str, new: str, ended: float) -> None:
@@ -84,7 +69,7 @@ def test_deploy_under_load_drops_nothing_and_flips_once(project, host):
 
     result, _, window = under_load(host, lambda: project.fab("deploy"))
 
-    assert_no_failed_request(result, window)
+    load.assert_no_failed_request(result)
     assert_each_thread_flipped_once(result, "1.0.0", "1.1.0", window[1])
     counts = result.version_counts()
     assert counts.get("1.0.0", 0) >= WARM_UP and counts.get("1.1.0", 0) >= THREADS, result.summary()
@@ -117,7 +102,7 @@ def test_rollback_under_load_drops_nothing_and_flips_once(project, host):
 
     result, _, window = under_load(host, lambda: project.fab("rollback"))
 
-    assert_no_failed_request(result, window)
+    load.assert_no_failed_request(result)
     assert_each_thread_flipped_once(result, "2.0.0", "1.0.0", window[1])
     assert current_of(project) == first
     print(result.summary())
@@ -137,7 +122,7 @@ def test_release_failing_only_behind_nginx_costs_users_nothing(project, host):
 
     assert deploy.returncode != 0, deploy.stdout
     print(result.summary(3))
-    assert_no_failed_request(result, window)
+    load.assert_no_failed_request(result)
 
 
 def test_switch_keeps_idle_keepalive_connections_open(project, host):
