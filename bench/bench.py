@@ -168,10 +168,11 @@ def median(values: list[float]) -> float:
 
 
 def report(bench: Bench, fleet_times: dict[int, list[float]], runs: int) -> str:
-    lines = [f"Machine: {machine()}", f"Runs per scenario: {runs} (tools alternated run by run)", "",
-             "| scenario | fabdeploy (median s) | baseline (median s) | ratio | target | met |",
-             "|---|---|---|---|---|---|"]
-    for scenario, (kind, limit) in TARGETS.items():
+    lines = [f"Machine: {machine()}", f"Runs per scenario: {runs} (tools alternated run by run)"]
+    if bench:
+        lines += ["", "| scenario | fabdeploy (median s) | baseline (median s) | ratio | target | met |",
+                  "|---|---|---|---|---|---|"]
+    for scenario, (kind, limit) in (TARGETS.items() if bench else ()):
         ours = median(bench.times[scenario]["fabdeploy"])
         base_times = bench.times[scenario].get("baseline")
         base = median(base_times) if base_times else None
@@ -192,16 +193,18 @@ def report(bench: Bench, fleet_times: dict[int, list[float]], runs: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="0: the fleet scenario only")
     parser.add_argument("--fleet", default="1,5,20", help="host counts for the parallel scenario")
     parser.add_argument("--write", help="also write the report to this Markdown file")
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.fleet.split(",") if n]
     workdir = traversable_tmpdir("fabdeploy-bench-")
     try:
-        with LocalHost(traversable_tmpdir("fabdeploy-bench-host-")) as host:
-            bench = Bench(host, workdir)
-            bench.run(args.runs)
+        bench = None
+        if args.runs:
+            with LocalHost(traversable_tmpdir("fabdeploy-bench-host-")) as host:
+                bench = Bench(host, workdir)
+                bench.run(args.runs)
         fleet_times = fleet(sizes, max(1, args.runs // 2), workdir) if sizes else {}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
