@@ -28,10 +28,6 @@ class Layout:
         return self._join("releases")
 
     @property
-    def shared(self) -> str:
-        return self._join("shared")
-
-    @property
     def current(self) -> str:
         return self._join("current")
 
@@ -46,10 +42,6 @@ class Layout:
     @property
     def run_dir(self) -> str:
         return self._join("shared", "run")
-
-    @property
-    def log_dir(self) -> str:
-        return self._join("shared", "log")
 
     @property
     def app_log(self) -> str:
