@@ -248,16 +248,21 @@ def choose_bind(t: Target) -> str:
 
 
 def configure_server(t: Target) -> None:
-    """The release's gunicorn config, and the systemd unit where systemd runs it."""
+    """The release's server files, and the systemd unit where systemd runs it."""
     t.bind = choose_bind(t)
-    if t.settings["server"] == "gunicorn":
-        conf = render.gunicorn_conf(t.settings, t.layout, t.release, t.bind)
-        t.host.write(t.layout.gunicorn_conf(t.release), conf)
-    t.host.write(t.layout.serve(t.release),
-                 servers.serve_script(t.settings, t.layout, t.release, t.bind), mode=0o755)
-    t.host.write(t.layout.bind_file(t.release), t.bind + "\n")
+    write_server_files(t, t.release, t.bind)
     if t.manager == "systemd":
         ensure_unit(t)
+
+
+def write_server_files(t: Target, release: str, bind: str) -> None:
+    """What starts a release's server on `bind`: its serve script, BIND, gunicorn.conf.py."""
+    if t.settings["server"] == "gunicorn":
+        t.host.write(t.layout.gunicorn_conf(release),
+                     render.gunicorn_conf(t.settings, t.layout, release, bind))
+    t.host.write(t.layout.serve(release),
+                 servers.serve_script(t.settings, t.layout, release, bind), mode=0o755)
+    t.host.write(t.layout.bind_file(release), bind + "\n")
 
 
 def ensure_unit(t: Target) -> None:
@@ -378,12 +383,7 @@ def install_site(t: Target, site_text: str) -> None:
 def serve_publicly(t: Target, release: str) -> None:
     """proxy: none: run `release` on the public address, checked there, or raise."""
     t.release, t.bind = release, t.settings["direct"]["bind"]
-    t.host.write(t.layout.serve(release),
-                 servers.serve_script(t.settings, t.layout, release, t.bind), mode=0o755)
-    t.host.write(t.layout.bind_file(release), t.bind + "\n")
-    if t.settings["server"] == "gunicorn":
-        t.host.write(t.layout.gunicorn_conf(release),
-                     render.gunicorn_conf(t.settings, t.layout, release, t.bind))
+    write_server_files(t, release, t.bind)
     start_server(t, release)
     result = t.run(plan.health_direct(t.settings, t.bind, float(t.settings["health_timeout"])),
                    "health check on the public address", warn=True)

@@ -268,9 +268,9 @@ def restore_copy(path: str, backup: str) -> str:
     return f"if [ -f {quote(backup)} ]; then {put_back}; else {remove}; fi"
 
 
-def switch_link(link: str, target: str) -> str:
-    """Atomic, like `current`: a symlink under a temporary name, renamed over the link."""
-    tmp = quote(link + ".tmp")
+def switch_link(link: str, target: str, tmp: str | None = None) -> str:
+    """Atomic: a symlink under a temporary name, renamed over the link."""
+    tmp = quote(tmp or link + ".tmp")
     return f"ln -sfn {quote(target)} {tmp} && mv -Tf {tmp} {quote(link)}"
 
 
@@ -280,11 +280,10 @@ def switch_current(layout: Layout, release: str) -> str:
     A new release's RELEASE.json, written aside, is renamed into place in the
     same command: a release becomes good only as it goes live.
     """
-    tmp = quote(layout.root + "/.current.tmp")
     meta, pending = quote(layout.meta(release)), quote(layout.meta(release) + ".pending")
     complete = f"if [ -f {pending} ]; then mv -f {pending} {meta}; fi"
-    return (f"{complete} && ln -sfn {quote('releases/' + release)} {tmp}"
-            f" && mv -Tf {tmp} {quote(layout.current)}")
+    link = switch_link(layout.current, "releases/" + release, layout.root + "/.current.tmp")
+    return f"{complete} && {link}"
 
 
 def mark_failed(layout: Layout, release: str, reason: str) -> str:

@@ -11,11 +11,11 @@ from pathlib import Path
 from shlex import quote
 
 from . import plan, render
+from .plan import STOCK_SITE
 from .errors import DeployError
 from .layout import STATE_DIR, Layout
 from .settings import Settings
 
-STOCK_SITE = "/etc/nginx/sites-enabled/default"
 # A release's name, 20261121-103700-123 (layout.release_name), as a sudoers pattern.
 RELEASE_PATTERN = "-".join("[0-9]" * n for n in (8, 6, 3))
 
