@@ -10,8 +10,10 @@ import io
 import os
 import posixpath
 import secrets
+import select
 import socket
 import sys
+from dataclasses import dataclass
 from shlex import quote
 
 import paramiko
@@ -34,10 +36,49 @@ def failure(what: str, how: str, output: str, full: bool = False) -> str:
     return f"{what} failed ({how})"
 
 
+@dataclass
+class Ran:
+    """What a remote command did: its output and exit status (-1: no status came)."""
+
+    stdout: str
+    stderr: str
+    exited: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+    @property
+    def failed(self) -> bool:
+        return not self.ok
+
+
 def readable(command: str) -> str:
     """A command as a person should read it: the packed agent shown by name."""
     from .plan import AGENT  # late: plan imports nothing from here, keep it that way
     return command.replace(quote(AGENT), "<fabdeploy-agent>")
+
+
+class PromptAcks(socket.socket):
+    """A TCP socket that acknowledges what it receives at once.
+
+    sshd sends small packets with Nagle's algorithm on: after login, its
+    answer to our first channel waits until we ACK the packet before it,
+    and Linux delays that ACK by 40 ms when we have nothing to send. Asking
+    for a quick ACK after each read sends it now (measured: the first
+    command 45 ms sooner).
+    """
+
+    def recv(self, size, *flags):
+        data = super().recv(size, *flags)
+        with contextlib.suppress(OSError, AttributeError):  # TCP_QUICKACK is Linux's
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+
+def no_delay(sock) -> None:
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Host:
@@ -70,7 +111,7 @@ class Host:
         if self.conn.connect_timeout is None:
             self.conn.connect_timeout = 15
         try:
-            self.conn.open()
+            self._open()
         except paramiko.BadHostKeyException as exc:
             raise DeployError(
                 f"host key changed: the server offered a {exc.key.get_name()} key that does not "
@@ -93,6 +134,33 @@ class Host:
             raise DeployError(f"cannot connect: {exc}", self.name,
                               hint="check the host name, port and firewall") from None
 
+    def _open(self) -> None:
+        """Open the connection over a socket with Nagle's algorithm off.
+
+        SSH sends many small packets, and with Nagle on, each command waits
+        for the server's delayed ACK: 40 ms a round trip, measured on
+        loopback, against 2 ms without. Through a gateway paramiko makes the
+        socket, and it is set once connected. See PromptAcks for the ACKs.
+        """
+        kwargs = self.conn.connect_kwargs
+        if self.conn.gateway or "sock" in kwargs:
+            self.conn.open()
+        else:
+            timeout = self.conn.connect_timeout
+            plain = socket.create_connection((self.conn.host, self.conn.port), timeout)
+            sock = PromptAcks(plain.family, plain.type, plain.proto, fileno=plain.detach())
+            sock.settimeout(timeout)
+            no_delay(sock)
+            self.conn.connect_kwargs = {**kwargs, "sock": sock}
+            try:
+                self.conn.open()
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                self.conn.connect_kwargs = kwargs  # a reconnect makes a new socket
+        no_delay(self.conn.transport.sock)
+
     def _known_hosts_path(self) -> str:
         configured = self.conn.ssh_config.get("userknownhostsfile")
         path = configured.split()[0] if configured else self.known_hosts
@@ -114,8 +182,10 @@ class Host:
         if self.dry_run and not query:
             self.say(f"[{self.name}] would run: {readable(command)}")
             return None
+        if self.conn.config.run.echo:
+            self.say(f"[{self.name}] {readable(command)}")
         try:
-            result = self.conn.run(command, hide=True, warn=True, in_stream=False)
+            result = self.execute(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise DeployError(f"lost the connection while {what}: {exc or type(exc).__name__}",
                               self.name, hint="check the network, then deploy again") from None
@@ -131,6 +201,32 @@ class Host:
                               detail=None if full else tail(output) or None)
         return result
 
+    def execute(self, command: str) -> Ran:
+        """Run a command on its own channel, no pty, no stdin, output captured.
+
+        Fabric's runner polls its reader threads every 10 ms; a deploy runs
+        a dozen commands, so this waits on the channel itself instead.
+        """
+        channel = self.conn.transport.open_session()
+        try:
+            channel.exec_command(command)
+            channel.shutdown_write()
+            out, err = [], []
+            while True:
+                select.select([channel], [], [], 1.0)  # wakes on output, EOF or close
+                while channel.recv_ready():
+                    out.append(channel.recv(1 << 16))
+                while channel.recv_stderr_ready():
+                    err.append(channel.recv_stderr(1 << 16))
+                if (channel.eof_received or channel.closed) and not (
+                        channel.recv_ready() or channel.recv_stderr_ready()):
+                    break
+            exited = channel.recv_exit_status()
+        finally:
+            channel.close()
+        return Ran(b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace"),
+                   exited)
+
     def nearly_full(self) -> bool:
         """After a failure: has deploy_to's filesystem (almost) no space left?
 
@@ -140,7 +236,7 @@ class Host:
         if not self.root or not self.conn.is_connected:
             return False
         try:
-            df = self.conn.run(f"df -Pk {quote(self.root)}", hide=True, warn=True, in_stream=False)
+            df = self.execute(f"df -Pk {quote(self.root)}")
         except (paramiko.SSHException, EOFError, OSError):
             return False
         fields = df.stdout.splitlines()[-1].split() if df.ok and df.stdout.strip() else []
