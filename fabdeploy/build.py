@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +138,24 @@ def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build too: it holds a copy of the sources
     prune(cache)
     return Wheel(final, sha256(final))
+
+
+def start_build(project_dir: Path, cache: Path | None = None) -> "Future[Wheel]":
+    """build_wheel in the background, so the hosts connect and lock meanwhile.
+
+    The hook runs in a subprocess (pyproject_hooks), so this thread mostly
+    waits; a cached wheel is ready at once.
+    """
+    future: Future[Wheel] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(build_wheel(project_dir, cache))
+        except BaseException as exc:  # handed to whoever waits for the wheel
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="fabdeploy-build", daemon=True).start()
+    return future
 
 
 def build_failed(project_dir: Path, output: str) -> DeployError:

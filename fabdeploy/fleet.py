@@ -117,7 +117,9 @@ def batches(targets: list[Target], batch: int) -> list[list[Target]]:
 # -- deploy -----------------------------------------------------------------
 
 def prepare(t: Target, r: Reporter, force: bool) -> None:
+    # The wheel builds locally meanwhile; nothing on a host changes before it exists.
     r.step(t, "connect", ph.connect)
+    r.step(t, "build", ph.await_wheel, r.cancelled)
     r.step(t, "lock", ph.take_lock, "deploy")
     ph.check_unchanged(t, force)
     if not t.unchanged:
@@ -162,7 +164,7 @@ def go_live(t: Target, r: Reporter, event: str) -> None:
 
 def abandon(t: Target, reason: str) -> None:
     """A release that will not go live: stop it, mark it, say so in the log."""
-    if t.locked and t.release and not t.switched and not t.unchanged:
+    if t.locked and t.wheel and t.release and not t.switched and not t.unchanged:
         ph.mark_failed(t, reason)
         ph.audit(t, "failed", reason=reason)
 
@@ -186,7 +188,8 @@ def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int =
         if failures:
             culprits = ", ".join(f.host for f in failures.values())
             r.each(targets, lambda t: abandon(t, f"preparing failed on {culprits}"))
-            raise summary("deploy", failures, len(targets))
+            local = [f for f in failures.values() if f.host == "local"]
+            raise local[0] if local else summary("deploy", failures, len(targets))
         live = [t for t in targets if not t.unchanged]
         for group in batches(live, batch):
             failures = r.each(group, lambda t: go_live(t, r, "deploy"))

@@ -11,6 +11,8 @@ import getpass
 import json
 import re
 import socket
+import threading
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from . import plan, render, secret, servers, wheelhouse
@@ -32,6 +34,7 @@ class Target:
     settings: Settings
     release: str = ""
     wheel: Wheel | None = None
+    building: Future | None = None  # the wheel, while it is built locally
     facts: dict = field(default_factory=dict)
     layout: Layout | None = None
     locked: bool = False
@@ -125,6 +128,17 @@ def release_lock(t: Target) -> None:
         t.host.reconnect()
         t.run(plan.unlock(t.layout), "releasing the deploy lock", warn=True)
     t.locked = False
+
+
+def await_wheel(t: Target, cancelled: threading.Event) -> None:
+    """The wheel the local build makes (it started before connect); Ctrl-C stops the wait."""
+    while True:
+        try:
+            t.wheel = t.building.result(timeout=0.05)
+            return
+        except FutureTimeout:
+            if cancelled.is_set():
+                raise DeployError("interrupted while the wheel was being built") from None
 
 
 def check_unchanged(t: Target, force: bool) -> None:

@@ -21,7 +21,7 @@ from invoke.exceptions import Exit
 
 from . import fleet, plan, provisioning, render, secret
 from . import phases as ph
-from .build import build_wheel
+from .build import start_build
 from .errors import DeployError
 from .layout import release_name
 from .remote import Host
@@ -121,8 +121,8 @@ def wants_json(settings: Settings, flag: bool) -> bool:
 def run_deploy(c, conns, force=False, dry_run=False, batch=0, parallel=10, quiet=False, stage=None,
                json=False):
     settings = settings_of(c, stage)
-    wheel = build_wheel(Path(settings["project_dir"]))
-    targets = targets_of(c, conns, settings, dry_run, release=release_name(), wheel=wheel,
+    wheel = start_build(Path(settings["project_dir"]))  # while the hosts connect and lock
+    targets = targets_of(c, conns, settings, dry_run, release=release_name(), building=wheel,
                          secret_key=secret.new_key())
     r = fleet.Reporter(quiet, parallel=parallel, json_out=wants_json(settings, json))
     reported("deploy", lambda: fleet.deploy(targets, r, force=force, batch=parse_batch(batch, len(targets))),

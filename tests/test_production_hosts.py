@@ -30,7 +30,7 @@ pytestmark = [
 
 APP = "guestbook"
 ROOT = f"/srv/{APP}"
-DEPLOY_PHASES = ["connect", "lock", "upload", "venv", "install", "secret",
+DEPLOY_PHASES = ["connect", "build", "lock", "upload", "venv", "install", "secret",
                  "init", "configure", "start", "route", "verify", "switch", "cleanup"]
 PHASE_LINE = re.compile(r"^\[(\S+)\] (\w+) +\d+\.\d+s$", re.M)
 INNER_PORT = 2222

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.host
 
 # The phases every first deploy must report, in this order (others may sit between).
 # Reading the host's facts is part of `lock` (README, "What a deploy does", step 3).
-PHASES = ["connect", "lock", "upload", "venv", "install", "start", "route", "verify", "switch",
+PHASES = ["connect", "build", "lock", "upload", "venv", "install", "start", "route", "verify", "switch",
           "cleanup"]
 DETAIL = "  | "  # how an error's extra lines are indented
 
@@ -424,7 +424,8 @@ def test_json_of_a_failed_deploy_says_which_host_failed_and_how(project, host):
     (entry,) = doc["hosts"]
     assert entry["switched"] is False
     assert entry["error"].startswith(f"{host.host_string}: flask no-such-command failed"), entry
-    assert_phase_seconds(entry["phases"], ["connect", "lock", "upload", "venv", "install", "init"])
+    assert_phase_seconds(entry["phases"], ["connect", "build", "lock", "upload", "venv", "install",
+                                           "init"])
     assert "start" not in entry["phases"]
     assert_clear_error(result, "flask no-such-command failed", "fix the app's init command",
                        host.host_string)
