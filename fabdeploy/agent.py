@@ -6,12 +6,10 @@ free of imports from fabdeploy.
 """
 import argparse
 import errno
-import http.client
 import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 
@@ -136,6 +134,7 @@ def make_root(root):
         except PermissionError:
             owner = "%d:%d" % (os.getuid(), os.getgid())
             for argv in (["sudo", "-n", "mkdir", "-p", root], ["sudo", "-n", "chown", owner, root]):
+                import subprocess
                 done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
                 if done.returncode:
                     raise OSError("%s: %s" % (" ".join(argv), done.stderr.strip()))
@@ -186,21 +185,23 @@ def facts(args):
     print(json.dumps(info))
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+def unix_connection(path, timeout):
+    import http.client
 
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(path)
+
+    return UnixHTTPConnection("localhost", timeout=timeout)
 
 
 def get_status(args):
     """One GET of the health path; the status code, or an error string."""
+    import http.client  # here: only health checks pay for importing it
     if args.unix:
-        conn = UnixHTTPConnection(args.unix, timeout=5)
+        conn = unix_connection(args.unix, timeout=5)
     else:
         host, _, port = args.tcp.rpartition(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=5)
@@ -239,6 +240,7 @@ def server_gone(args, started):
         except (OSError, ValueError, IndexError):
             return True
     if args.unit:
+        import subprocess
         state = subprocess.run(["systemctl", "is-failed", "--quiet", args.unit])
         return state.returncode == 0
     return False
@@ -263,9 +265,66 @@ def health(args):
             break
         if time.monotonic() > deadline:
             break
-        time.sleep(0.1)
+        time.sleep(0.02)  # a server comes up between polls: the deploy waits for the next
     print("unhealthy: %s" % last)
     return 1
+
+
+def same_content(a, b):
+    """Files with the same bytes (hard links of one file in uv's cache, most often)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+            return True
+        if sa.st_size != sb.st_size:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read() == fb.read()
+    except OSError:
+        return False
+
+
+def compile_venv(args):
+    """Bytecode for every module of this (the release's) venv, made before it runs.
+
+    A release's server cannot write __pycache__ under systemd's
+    ProtectSystem, so without this every start compiles every module again.
+    Where the previous release has the same source, its .pyc is linked
+    (checked-hash pycs say which source they belong to, so Python itself
+    rejects one that does not match); the rest are compiled here.
+    """
+    import importlib.util
+    import py_compile
+    import sysconfig
+    site = sysconfig.get_paths()["purelib"]
+    like = os.path.join(args.like, os.path.relpath(site, sys.prefix)) if args.like else None
+    counts = {"linked": 0, "compiled": 0}
+    for folder, dirs, files in os.walk(site):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            source = os.path.join(folder, name)
+            pyc = importlib.util.cache_from_source(source)
+            if os.path.exists(pyc):
+                continue
+            if like:
+                old = os.path.join(like, os.path.relpath(source, site))
+                old_pyc = importlib.util.cache_from_source(old)
+                if os.path.exists(old_pyc) and same_content(source, old):
+                    os.makedirs(os.path.dirname(pyc), exist_ok=True)
+                    try:
+                        os.link(old_pyc, pyc)
+                    except OSError:
+                        shutil.copy2(old_pyc, pyc)
+                    counts["linked"] += 1
+                    continue
+            # A module that does not compile (a py2 leftover, a template) fails at import, if ever.
+            if py_compile.compile(source, cfile=pyc, quiet=1,
+                                  invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH):
+                counts["compiled"] += 1
+    print(json.dumps(counts))
+    return 0
 
 
 def main(argv):
@@ -286,9 +345,13 @@ def main(argv):
     p.add_argument("--pid-file")
     p.add_argument("--unit")
     p.add_argument("--stamp", help="expect the proxy's X-Fabdeploy-Site header to say this")
+    p = sub.add_parser("compile", help="run with the venv's python")
+    p.add_argument("--like", help="the previous release's venv, whose bytecode may be reused")
     args = parser.parse_args(argv)
     if args.command == "facts":
         return facts(args)
+    if args.command == "compile":
+        return compile_venv(args)
     return health(args)
 
 

@@ -53,6 +53,11 @@ class Layout:
         return self._join(STATE_DIR)
 
     @property
+    def trash(self) -> str:
+        """Where removed releases wait for a background rm."""
+        return self._join(STATE_DIR, "trash")
+
+    @property
     def lock(self) -> str:
         return self._join(STATE_DIR, "lock")
 

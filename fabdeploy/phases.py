@@ -210,9 +210,11 @@ def create_venv(t: Target) -> None:
 
 
 def install(t: Target) -> None:
+    """The wheel and its dependencies into the venv, byte-compiled before anything runs."""
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
-    t.run(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
-          "installing the wheel")
+    like = t.current if any(r.name == t.current for r in t.releases) else None
+    t.run(f"{plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings))}"
+          f" && {plan.compile_bytecode(t.layout, t.release, like)}", "installing the wheel")
 
 
 def write_secret(t: Target) -> None:

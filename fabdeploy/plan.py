@@ -26,9 +26,14 @@ def _agent_bootstrap() -> str:
 AGENT = _agent_bootstrap()
 
 
-def agent(python: str, *args: object) -> str:
-    """Run fabdeploy's agent on the server with the system Python."""
-    return " ".join([quote(python), "-c", quote(AGENT), *(quote(str(a)) for a in args)])
+def agent(python: str, *args: object, site: bool = False) -> str:
+    """Run fabdeploy's agent on the server with the system Python.
+
+    Without site (-S) unless it must see a venv: the agent needs only the
+    standard library, and each run is a round trip someone waits for.
+    """
+    flags = ["-c"] if site else ["-S", "-c"]
+    return " ".join([quote(python), *flags, quote(AGENT), *(quote(str(a)) for a in args)])
 
 
 def facts(settings: Settings, lock_info: dict | None = None) -> str:
@@ -104,6 +109,12 @@ def install(inst: Installer, layout: Layout, release: str, wheel_path: str,
         return f"{{ {base} --offline {wanted} 2>/dev/null || {base} {wanted}; }}"
     pip = f"{python} {quote(inst.pip_wheel + '/pip')}" if offline else quote(layout.venv(release) + "/bin/pip")
     return f"{pip} install --disable-pip-version-check --no-input --quiet{offline} {wanted}"
+
+
+def compile_bytecode(layout: Layout, release: str, like: str | None) -> str:
+    """Byte-compile the release's venv, reusing `like`'s bytecode where the source is the same."""
+    python = layout.venv(release) + "/bin/python"
+    return agent(python, "compile", *(["--like", layout.venv(like)] if like else []), site=True)
 
 
 def link_instance(settings: Settings, layout: Layout, release: str) -> str:
@@ -291,12 +302,18 @@ def mark_failed(layout: Layout, release: str, reason: str) -> str:
 
 
 def remove_releases(settings: Settings, layout: Layout, names: list[str], manager: str) -> str:
-    """Stop any server a removed release still runs (e.g. one killed mid-deploy), then delete."""
+    """Stop any server a removed release still runs (e.g. one killed mid-deploy), then delete.
+
+    The releases leave releases/ at once, by rename into the trash; deleting
+    a venv's thousand files happens in the background, nobody waits for it.
+    """
     stops = "; ".join(stop_server(settings, layout, name, manager) for name in names)
-    paths = []
-    for name in names:
-        paths += [layout.release(name), layout.socket(name), layout.pid_file(name)]
-    return f"{stops}; rm -rf " + " ".join(quote(p) for p in paths)
+    files = [p for name in names for p in (layout.socket(name), layout.pid_file(name))]
+    trash = quote(layout.trash)
+    releases = " ".join(quote(layout.release(name)) for name in names)
+    return (f"{stops}; rm -f {' '.join(quote(p) for p in files)}; mkdir -p {trash}"
+            f' && bin="$(mktemp -d {trash}/XXXXXX)" && mv {releases} "$bin"/'
+            f" && (setsid rm -rf {trash} </dev/null >/dev/null 2>&1 &)")
 
 
 def reload_servers(settings: Settings, layout: Layout, manager: str) -> str:
