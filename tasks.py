@@ -5,6 +5,7 @@ own and imports fabdeploy's next to them: see the Collection at the end.
 """
 import json
 import shutil
+import shlex
 import sys
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def demo(c):
             "write": "also write the report to this file, e.g. docs/benchmarks.md"})
 def bench(c, runs=5, fleet="1,5,20", write=""):
     """Time fabdeploy against a hand-written fabfile on throwaway hosts; print ratios."""
-    extra = f" --write {write}" if write else ""
-    c.run(f"{sys.executable} bench/bench.py --runs {int(runs)} --fleet {fleet}{extra}",
+    extra = f" --write {shlex.quote(write)}" if write else ""
+    c.run(f"{sys.executable} bench/bench.py --runs {int(runs)} --fleet {shlex.quote(fleet)}{extra}",
           pty=False, in_stream=False)
 
 
