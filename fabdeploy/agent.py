@@ -171,7 +171,9 @@ def facts(args):
     root = os.path.expanduser(args.root)
     info = read_facts(root)
     info["problems"] = problems(info, args)
-    if args.lock is not None and not info["problems"]:
+    if args.lock is not None and args.only_laid_out and not info["root_exists"]:
+        info["deferred"] = True  # a fresh host: nothing is made there yet
+    elif args.lock is not None and not info["problems"]:
         try:
             make_root(root)
             locked = take_lock(root, args.lock)
@@ -333,6 +335,8 @@ def main(argv):
     p = sub.add_parser("facts")
     p.add_argument("--root", required=True)
     p.add_argument("--lock", help="take the deploy lock, recording this JSON in it")
+    p.add_argument("--only-laid-out", action="store_true",
+                   help="with --lock: lock only where deploy_to exists already")
     p.add_argument("--needs", help="a program the host must have, e.g. the proxy's")
     p.add_argument("--refuse-root", action="store_true", help="the app must not run as root")
     p = sub.add_parser("health")

@@ -54,13 +54,16 @@ class Reporter:
             if self.cancelled.wait(600):
                 raise DeployError(f"interrupted before {name}")
         started = time.monotonic()
+        outcome = None  # a phase that fails has its line too
         try:
-            return fn(t, *args)
+            outcome = fn(t, *args)
+            return outcome
         finally:
             took = time.monotonic() - started
-            with self._lock:
-                self.timings.setdefault(t.host.name, {})[name] = round(took, 3)
-            self.line(f"[{t.host.name}] {name:<16} {took:6.2f}s")
+            if outcome is not ph.DEFERRED:  # a phase that did nothing has no line
+                with self._lock:
+                    self.timings.setdefault(t.host.name, {})[name] = round(took, 3)
+                self.line(f"[{t.host.name}] {name:<16} {took:6.2f}s")
 
     def result(self, action: str, targets: list[Target], error: DeployError | None) -> dict:
         """What happened, for --json: per host, the outcome and each phase's seconds."""
@@ -117,10 +120,14 @@ def batches(targets: list[Target], batch: int) -> list[list[Target]]:
 # -- deploy -----------------------------------------------------------------
 
 def prepare(t: Target, r: Reporter, force: bool) -> None:
-    # The wheel builds locally meanwhile; nothing on a host changes before it exists.
+    # The wheel builds locally meanwhile. A host deployed to before is locked in that
+    # time; a fresh one is laid out only once the wheel exists, so that a failed
+    # build leaves it untouched.
     r.step(t, "connect", ph.connect)
+    r.step(t, "lock", ph.take_lock, "deploy", True)
     r.step(t, "build", ph.await_wheel, r.cancelled)
-    r.step(t, "lock", ph.take_lock, "deploy")
+    if not t.locked:
+        r.step(t, "lock", ph.take_lock, "deploy")
     ph.check_unchanged(t, force)
     if not t.unchanged:
         install_release(t, r)

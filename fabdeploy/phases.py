@@ -86,17 +86,28 @@ def read_facts(t: Target) -> None:
 
 # -- preparing --------------------------------------------------------------
 
-def take_lock(t: Target, action: str) -> None:
-    """Check the host, lay out deploy_to, take the lock, read the facts afresh: one round trip."""
+DEFERRED = "deferred"  # what a phase returns when it did nothing, and prints no line
+
+
+def take_lock(t: Target, action: str, only_laid_out: bool = False) -> str | None:
+    """Check the host, lay out deploy_to, take the lock, read the facts afresh: one round trip.
+
+    only_laid_out: lock only a host deployed to before, and return DEFERRED
+    on a fresh one (laid out later, once there is a wheel to deploy).
+    """
     info = {"who": who(), "when": now(), "what": f"{action} {t.release}".strip()}
+    if t.host.dry_run and only_laid_out:
+        return DEFERRED  # the plan shows the lock once, where a fresh host would get it
     if t.host.dry_run:
         read_facts(t)
         check_server(t)
         t.host.say(f"[{t.host.name}] would create {t.layout.root} and its directories (where "
                    f"missing) and take the lock {t.layout.lock}: {json.dumps(info)}")
         return
-    result = t.run(plan.facts(t.settings, info), "taking the deploy lock")
+    result = t.run(plan.facts(t.settings, info, only_laid_out), "taking the deploy lock")
     t.facts = json.loads(result.stdout)
+    if t.facts.get("deferred"):
+        return DEFERRED
     t.layout = Layout(t.facts["root"])
     t.host.root = t.layout.root
     check_server(t)

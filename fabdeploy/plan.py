@@ -36,7 +36,7 @@ def agent(python: str, *args: object, site: bool = False) -> str:
     return " ".join([quote(python), *flags, quote(AGENT), *(quote(str(a)) for a in args)])
 
 
-def facts(settings: Settings, lock_info: dict | None = None) -> str:
+def facts(settings: Settings, lock_info: dict | None = None, only_laid_out: bool = False) -> str:
     """The host's facts; with lock_info, also lay out deploy_to and take the lock.
 
     One round trip, and one place (the agent) that decides whether a host
@@ -47,6 +47,8 @@ def facts(settings: Settings, lock_info: dict | None = None) -> str:
         args += ["--needs", PROXY_PROGRAMS[settings["proxy"]]]
     if lock_info is not None:
         args += ["--lock", json.dumps(lock_info)]
+    if only_laid_out:
+        args += ["--only-laid-out"]
     return agent(settings["python"], *args)
 
 

@@ -5,6 +5,7 @@ tests show that each means does what it claims and costs no correctness.
 """
 import json
 import os
+import re
 import socket
 import time
 import urllib.request
@@ -148,3 +149,29 @@ def test_a_failed_build_leaves_the_host_untouched_though_it_connected_meanwhile(
     (entry,) = doc["hosts"]
     assert "connect" in entry["phases"] and "lock" not in entry["phases"]
     assert not project.deploy_to.exists()
+
+
+def phases(output: str) -> list[str]:
+    return re.findall(r"^\[\S+\] (\w+) +\d+\.\d+s$", output, re.M)
+
+
+def test_a_deployed_host_is_locked_while_the_wheel_builds_a_fresh_one_after(project, host, tmp_path):
+    first = phases(project.fab("deploy").stdout)
+    assert first.index("build") < first.index("lock") and first.count("lock") == 1, first
+    release = current(project)
+    project.set_version("1.0.1")
+    second = phases(project.fab("deploy").stdout)
+    assert second.index("lock") < second.index("build") and second.count("lock") == 1, second
+    # A build that fails after the lock was taken: the lock goes, and nothing else moved.
+    pyproject = project.path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('packages = ["guestbook"]',
+                                                       'packages = ["missing"]'))
+    before = current(project)
+    result = project.fab("deploy", check=False,
+                         env={"PIP_NO_INDEX": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.returncode == 1 and "building the wheel of " in result.stderr
+    assert phases(result.stdout)[:2] == ["connect", "lock"]
+    assert current(project) == before != release
+    assert not (project.deploy_to / ".fabdeploy" / "lock").exists()
+    audit = (project.deploy_to / ".fabdeploy" / "audit.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in audit] == ["deploy", "deploy"]
