@@ -143,6 +143,28 @@ def make_root(root):
     instance = os.path.join(root, "shared", "instance")
     os.makedirs(instance, exist_ok=True)
     os.chmod(instance, 0o700)
+    make_preview_map(os.path.join(root, ".fabdeploy", "preview.map"))
+
+
+def make_preview_map(path):
+    """The nginx map line that routes requests with this host's token to the preview.
+
+    Made once, here, 0600: the token never leaves the server (nginx's master
+    reads the file as root; the agent reads it to send the token).
+    """
+    if os.path.exists(path):
+        return
+    import secrets
+    tmp = "%s.%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write('"%s" _next;\n' % secrets.token_hex(16))
+    os.rename(tmp, path)
+
+
+def preview_token(path):
+    with open(path) as f:
+        return f.read().split('"')[1]
 
 
 def take_lock(root, info_json):
@@ -208,7 +230,10 @@ def get_status(args):
         host, _, port = args.tcp.rpartition(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
-        conn.request("GET", args.path, headers={"Host": args.host_header})
+        headers = {"Host": args.host_header}
+        if args.preview_map:
+            headers["X-Fabdeploy-Preview"] = preview_token(args.preview_map)
+        conn.request("GET", args.path, headers=headers)
         response = conn.getresponse()
         served = response.getheader("X-Fabdeploy-Site")
         if args.stamp and served != args.stamp:
@@ -349,6 +374,7 @@ def main(argv):
     p.add_argument("--pid-file")
     p.add_argument("--unit")
     p.add_argument("--stamp", help="expect the proxy's X-Fabdeploy-Site header to say this")
+    p.add_argument("--preview-map", help="send the preview token kept in this nginx map file")
     p = sub.add_parser("compile", help="run with the venv's python")
     p.add_argument("--like", help="the previous release's venv, whose bytecode may be reused")
     args = parser.parse_args(argv)

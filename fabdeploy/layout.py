@@ -112,6 +112,16 @@ class Layout:
         """A link to the serving release's socket: the proxy connects through it."""
         return self._join("shared", "run", "live.sock")
 
+    @property
+    def next_socket(self) -> str:
+        """A link to the socket of the release a switch is about to go to (nginx's preview)."""
+        return self._join("shared", "run", "next.sock")
+
+    @property
+    def preview_map(self) -> str:
+        """nginx map lines, made by the agent: the host's preview token -> the preview upstream."""
+        return self._join(STATE_DIR, "preview.map")
+
     def pid_file(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.pid")
 

@@ -369,21 +369,42 @@ def app_error(log: str, lines: int = 20) -> str:
 
 # -- switching --------------------------------------------------------------
 
-def route_traffic(t: Target, release: str, active: str, backup: str | None) -> None:
-    """Send the proxy's traffic to `active`.
+def route_traffic(t: Target, release: str, active: str, backup: str | None,
+                  check: bool = True) -> None:
+    """Send the proxy's traffic to `active`; `check`: through nginx's preview first.
 
     Over unix sockets the site points at shared/run/live.sock, and the switch
     renames that link: no reload, which would drop requests on keep-alive
-    connections. The site itself is installed only when it changes. Over TCP
-    the site names `active`, with `backup` taking what it refuses, and is
-    reloaded. If the proxy rejects a site, the previous one is put back.
+    connections. The site itself is installed only when it changes. nginx
+    first shows the release through its preview (next.sock), and only a
+    release that answers 2xx there gets the live link. Over TCP the site
+    names `active`, with `backup` taking what it refuses, and is reloaded.
+    If the proxy rejects a site, the previous one is put back.
     """
-    if active.startswith("unix:"):
-        live = f"unix:{t.layout.live_socket}"
-        install_site(t, render.proxy_site(t.settings, release, live, live))
-        t.run(plan.switch_link(t.layout.live_socket, active[len("unix:"):]), "switching the live socket")
-    else:
+    if not active.startswith("unix:"):
         install_site(t, render.proxy_site(t.settings, release, active, backup))
+        return
+    live, socket = f"unix:{t.layout.live_socket}", active[len("unix:"):]
+    if t.settings["proxy"] != "nginx":
+        install_site(t, render.proxy_site(t.settings, release, live, live))
+        t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
+        return
+    install_site(t, render.proxy_site(t.settings, release, live, live, t.layout))
+    if not check:  # switching back to what served a moment ago: at once
+        t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
+        return
+    preview = render.stamp(t.settings, release, live) + render.NEXT
+    result = t.run(plan.preview_then_switch(t.settings, t.layout, socket, preview, 10),
+                   "checking the release through nginx, then switching", warn=True)
+    if result is None or result.ok:
+        return
+    answer = result.stdout.strip()
+    if answer.startswith("unhealthy: "):
+        raise DeployError(f"release {release} failed its check through nginx before the switch: "
+                          f"{answer.removeprefix('unhealthy: ')}", t.host.name,
+                          hint="nothing was switched: the old release keeps serving")
+    raise DeployError(f"switching to release {release} failed (exit {result.exited})", t.host.name,
+                      detail=tail(result.stdout + result.stderr) or None)
 
 
 def install_site(t: Target, site_text: str) -> None:

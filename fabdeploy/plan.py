@@ -219,13 +219,31 @@ def health(settings: Settings, layout: Layout, release: str, bind: str, manager:
                  "--path", settings["health_path"], "--timeout", timeout)
 
 
-def health_via_proxy(settings: Settings, stamp: str, timeout: float) -> str:
-    """Probe through the proxy, as a visitor would, expecting the site's stamp."""
+def health_via_proxy(settings: Settings, stamp: str, timeout: float,
+                     preview_map: str | None = None) -> str:
+    """Probe through the proxy, as a visitor would, expecting the site's stamp.
+
+    With preview_map, the request carries the host's preview token: nginx
+    then routes it to shared/run/next.sock.
+    """
     proxy = settings.proxy
     host = "localhost" if proxy["server_name"] in ("_", "") else proxy["server_name"].split()[0]
+    preview = ["--preview-map", preview_map] if preview_map else []
     return agent(settings["python"], "health", "--tcp", f"127.0.0.1:{proxy['listen']}",
                  "--host-header", host, "--path", settings["health_path"], "--timeout", timeout,
-                 "--stamp", stamp)
+                 "--stamp", stamp, *preview)
+
+
+def preview_then_switch(settings: Settings, layout: Layout, socket: str, stamp: str,
+                        timeout: float) -> str:
+    """Point next.sock at the release, check it through nginx, and only then switch live.sock.
+
+    Visitors never reach a release that fails behind the proxy: the check
+    sees exactly what they would, before the switch.
+    """
+    return (f"{switch_link(layout.next_socket, socket)}"
+            f" && {health_via_proxy(settings, stamp, timeout, layout.preview_map)}"
+            f" && {switch_link(layout.live_socket, socket)}")
 
 
 def as_owner(directory: str, command: str) -> str:

@@ -27,11 +27,19 @@ def stamp(settings: Settings, release: str, active_bind: str) -> str:
     return settings.app if active_bind.startswith("unix:") else f"{settings.app}@{release}"
 
 
-def proxy_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
-    """The proxy's site for this switch: nginx's or Apache's."""
+NEXT = "_next"  # the suffix of the preview's upstream, and of its stamp
+
+
+def proxy_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None,
+               layout: Layout | None = None) -> str:
+    """The proxy's site for this switch: nginx's or Apache's.
+
+    With `layout` (nginx over unix sockets), the site also routes requests
+    that carry the host's preview token to shared/run/next.sock.
+    """
     if settings["proxy"] == "apache":
         return apache_site(settings, release, active_bind, backup_bind)
-    return nginx_site(settings, release, active_bind, backup_bind)
+    return nginx_site(settings, release, active_bind, backup_bind, layout)
 
 
 def apache_member(bind: str) -> str:
@@ -52,12 +60,23 @@ def apache_site(settings: Settings, release: str, active_bind: str, backup_bind:
                   listen=apache["listen"], server_name=server_name)
 
 
-def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
+def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None,
+               layout: Layout | None = None) -> str:
     nginx = settings.nginx
+    upstream = upstream_name(settings.app)
     # gunicorn's bind syntax (unix:/x.sock, or host:port) is nginx's too.
     backup = f"    server {backup_bind} backup max_fails=0;\n" if backup_bind else ""
-    return render("nginx-site.conf", app=settings.app, upstream=upstream_name(settings.app),
-                  stamp=stamp(settings, release, active_bind), active=active_bind, backup=backup,
+    site_stamp = stamp(settings, release, active_bind)
+    preview, target = "", upstream
+    if layout is not None:
+        # $<upstream>_pick is "" for visitors and _next for the preview token (its map,
+        # made by the agent, never leaves the server), in the upstream's name and the stamp.
+        pick = f"${upstream}_pick"
+        preview = render("nginx-preview.conf", upstream=upstream, pick=pick, next=NEXT,
+                         next_socket=layout.next_socket, token_map=layout.preview_map)
+        target, site_stamp = upstream + pick, site_stamp + pick
+    return render("nginx-site.conf", app=settings.app, upstream=upstream, stamp=site_stamp,
+                  active=active_bind, backup=backup, preview=preview, target=target,
                   listen=nginx["listen"], server_name=nginx["server_name"])
 
 

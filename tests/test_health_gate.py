@@ -3,8 +3,9 @@
 Three broken variants of the example app, each deployed over a good 1.0.0:
 one that cannot be imported, one whose health path answers 500, and one that
 is healthy on its own socket but answers 500 once nginx is in front of it
-(the last one twice: with nginx as it is, and with a reload that takes
-effect late). Each deploy must fail loudly with the app's own error, leave
+(the last one three times: caught by nginx's preview before the switch, the
+same with a reload that takes effect late, and over TCP, where there is no
+preview, caught after the switch and switched back). Each deploy must fail loudly with the app's own error, leave
 the host as it was (current, the version served, no lock), mark the release
 FAILED so that nothing picks it again, and say so in the audit log.
 """
@@ -12,6 +13,7 @@ import hashlib
 import json
 import re
 import shlex
+import socket
 import time
 
 import pytest
@@ -176,15 +178,48 @@ def test_app_whose_health_path_answers_500_is_refused(project, host):
     assert_never_a_rollback_target(project, good, failed)
 
 
-def test_app_failing_only_behind_nginx_is_switched_back(project, host):
+def test_app_failing_only_behind_nginx_is_refused_before_the_switch(project, host):
     good = deploy_good(project, host)
     break_behind_nginx(project)
 
     result = deploy_broken(project)
 
-    assert "through nginx" in result.stderr
+    failed = newest_release(project)
+    assert (f"release {failed} failed its check through nginx before the switch: "
+            "the release answered 500") in result.stderr
+    assert "nothing was switched" in result.stderr
+    # It was caught through nginx's preview: the live link never moved, so there was
+    # nothing to switch back.
+    assert "switched back" not in result.stdout + result.stderr
+    assert_host_unchanged(project, host, good)
+
+
+def test_over_tcp_an_app_failing_only_behind_nginx_is_switched_back(project, host):
+    """gunicorn.bind on TCP: the site names the release, so there is no preview; the check
+    after the switch catches it and switches back."""
+    project.configure(gunicorn={"bind": f"127.0.0.1:{free_port_pair()}"})
+    good = deploy_good(project, host)
+    break_behind_nginx(project)
+
+    result = deploy_broken(project)
+
+    assert "health check through nginx failed" in result.stderr
     assert f"switched back to {good}" in result.stdout + result.stderr
     assert_host_unchanged(project, host, good)
+
+
+def free_port_pair() -> int:
+    """A loopback port that is free, and so is the next one (gunicorn.bind uses both)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 class SlowReload:
@@ -221,7 +256,7 @@ class SlowReload:
         return {"asked": lines.count("asked"), "done": lines.count("done")}
 
 
-def test_post_switch_check_is_not_fooled_by_a_slow_reload(project, host):
+def test_check_through_nginx_is_not_fooled_by_a_slow_reload(project, host):
     """The check through nginx must judge the new release, not the old config still serving."""
     reloads = SlowReload(project, host, delay=1.0)
     try:
@@ -232,8 +267,7 @@ def test_post_switch_check_is_not_fooled_by_a_slow_reload(project, host):
         reloads.settle()  # so that no delayed reload lands in a later test
 
     # Only the first deploy reloads (it installs the site, and its check must wait out the
-    # late reload); switches, and the switch back, rename shared/run/live.sock instead.
+    # late reload); switches rename shared/run/live.sock instead.
     assert reloads.asked == 1
-    assert "through nginx" in result.stderr
-    assert f"switched back to {good}" in result.stdout + result.stderr
+    assert "failed its check through nginx before the switch" in result.stderr
     assert_host_unchanged(project, host, good)

@@ -273,3 +273,32 @@ def test_the_apps_own_error_is_picked_from_the_servers_log():
            "Traceback (most recent call last):\nSystemExit: 1\n")
     assert app_error(log).endswith("RuntimeError: boom at import")
     assert app_error("no traceback here\n") == "no traceback here"
+
+
+def test_nginx_site_routes_only_the_preview_token_to_the_release_being_checked():
+    s = settings(nginx={"listen": 8080, "server_name": "example.com"})
+    live = "unix:/srv/guestbook/shared/run/live.sock"
+    site = render.nginx_site(s, "R2", live, live, Layout("/srv/guestbook"))
+    assert "server unix:/srv/guestbook/shared/run/next.sock max_fails=0;" in site
+    # The token's map is the server's own file: the site names it, never the token.
+    assert "include /srv/guestbook/.fabdeploy/preview.map;" in site
+    assert "map $http_x_fabdeploy_preview $fabdeploy_guestbook_pick {" in site
+    assert 'default "";' in site
+    assert "proxy_pass http://fabdeploy_guestbook$fabdeploy_guestbook_pick;" in site
+    # Visitors see the plain stamp; a preview answer says _next, so a check cannot
+    # mistake an old configuration (one without the map) for the preview.
+    assert "add_header X-Fabdeploy-Site guestbook$fabdeploy_guestbook_pick always;" in site
+    # Without a layout (Apache, TCP binds) there is no preview.
+    plain = render.nginx_site(s, "R2", live, live)
+    assert "next.sock" not in plain and "proxy_pass http://fabdeploy_guestbook;" in plain
+
+
+def test_preview_then_switch_moves_the_live_link_only_after_the_check():
+    s = settings()
+    layout = Layout("/srv/guestbook")
+    command = plan.preview_then_switch(s, layout, "/srv/guestbook/shared/run/R2.sock", "guestbook_next", 10)
+    nxt, check, live = command.split(" && ", 2)[0], command.split(" && ")[2], command.split(" && ")[-1]
+    assert nxt.startswith("ln -sfn /srv/guestbook/shared/run/R2.sock /srv/guestbook/shared/run/next.sock.tmp")
+    assert "--preview-map /srv/guestbook/.fabdeploy/preview.map" in check and "--stamp guestbook_next" in check
+    assert live == "mv -Tf /srv/guestbook/shared/run/live.sock.tmp /srv/guestbook/shared/run/live.sock"
+    assert command.index("next.sock") < command.index("--preview-map") < command.index("live.sock")
