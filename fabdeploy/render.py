@@ -73,11 +73,18 @@ def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: 
         # made by the agent, never leaves the server), in the upstream's name and the stamp.
         pick = f"${upstream}_pick"
         preview = render("nginx-preview.conf", upstream=upstream, pick=pick, next=NEXT,
-                         next_socket=layout.next_socket, token_map=layout.preview_map)
+                         next_socket=layout.next_socket, token_map=exact_glob(layout.preview_map))
         target, site_stamp = upstream + pick, site_stamp + pick
     return render("nginx-site.conf", app=settings.app, upstream=upstream, stamp=site_stamp,
                   active=active_bind, backup=backup, preview=preview, target=target,
                   listen=nginx["listen"], server_name=nginx["server_name"])
+
+
+def exact_glob(path: str) -> str:
+    """A glob that matches exactly `path`: nginx's include of a glob that matches
+    nothing is no error, so a deleted deploy_to never breaks nginx's configuration."""
+    stem, dot, ext = path.rpartition(".")
+    return f"{stem}[.]{ext}" if dot and "/" not in ext else path
 
 
 def gunicorn_conf(settings: Settings, layout: Layout, release: str, bind: str) -> str:

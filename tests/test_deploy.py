@@ -136,3 +136,14 @@ def test_untrusted_host_key_is_refused_and_host_untouched(project, host, tmp_pat
     assert host.host_string in result.stderr
     # nothing happened on the host
     assert not project.deploy_to.exists()
+
+
+def test_nginx_still_loads_the_site_once_deploy_to_is_deleted(project, host):
+    """The site includes the host's preview map: deleting deploy_to must not break nginx,
+    which would take every other site on it down at its next reload or restart."""
+    project.fab("deploy")
+    test_nginx = host.settings("guestbook")["nginx"]["test_command"]
+    assert host.run_as_user(test_nginx, check=False).returncode == 0
+    host.run_as_user(f"rm -rf {project.deploy_to}")
+    checked = host.run_as_user(test_nginx, check=False)
+    assert checked.returncode == 0, checked.stderr
