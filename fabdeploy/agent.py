@@ -101,6 +101,8 @@ def read_facts(root):
         "releases": releases,
         "initialized": os.path.exists(os.path.join(state_dir, "initialized")),
         "config_exists": os.path.exists(os.path.join(root, "shared", "instance", "config.py")),
+        # A new preview token, which nginx knows only after a reload (see make_preview_map).
+        "preview_unloaded": os.path.exists(os.path.join(state_dir, "preview.unloaded")),
         "lock": lock_facts(os.path.join(state_dir, "lock")),
         "venv_ok": venv_ok(),
         "systemd": os.path.isdir("/run/systemd/system"),
@@ -150,11 +152,13 @@ def make_preview_map(path):
     """The nginx map line that routes requests with this host's token to the preview.
 
     Made once, here, 0600: the token never leaves the server (nginx's master
-    reads the file as root; the agent reads it to send the token).
+    reads the file as root; the agent reads it to send the token). nginx
+    reads it at a reload: until one has happened, preview.unloaded says so.
     """
     if os.path.exists(path):
         return
     import secrets
+    open(os.path.join(os.path.dirname(path), "preview.unloaded"), "w").close()
     tmp = "%s.%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

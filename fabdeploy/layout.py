@@ -122,6 +122,11 @@ class Layout:
         """nginx map lines, made by the agent: the host's preview token -> the preview upstream."""
         return self._join(STATE_DIR, "preview.map")
 
+    @property
+    def preview_unloaded(self) -> str:
+        """Present from a new preview token until nginx has been reloaded with it."""
+        return self._join(STATE_DIR, "preview.unloaded")
+
     def pid_file(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.pid")
 

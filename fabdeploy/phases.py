@@ -389,7 +389,11 @@ def route_traffic(t: Target, release: str, active: str, backup: str | None,
         install_site(t, render.proxy_site(t.settings, release, live, live))
         t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
         return
-    install_site(t, render.proxy_site(t.settings, release, live, live, t.layout))
+    # A new preview token (a fresh deploy_to) is nginx's only after a reload.
+    if install_site(t, render.proxy_site(t.settings, release, live, live, t.layout),
+                    reload=t.facts.get("preview_unloaded", False)):
+        t.run(plan.remove_file(t.layout.preview_unloaded), "noting the preview token as loaded")
+        t.facts["preview_unloaded"] = False
     if not check:  # switching back to what served a moment ago: at once
         t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
         return
@@ -407,18 +411,19 @@ def route_traffic(t: Target, release: str, active: str, backup: str | None,
                       detail=tail(result.stdout + result.stderr) or None)
 
 
-def install_site(t: Target, site_text: str) -> None:
-    """Install, test and reload the proxy's site, unless it is already exactly this."""
+def install_site(t: Target, site_text: str, reload: bool = False) -> bool:
+    """Install, test and reload the proxy's site, unless it is already exactly this
+    (and no `reload` is asked for). True if the proxy was reloaded."""
     name = t.settings["proxy"]
     site = t.settings.proxy["site_path"]
-    if not t.host.dry_run and t.host.read(site) == site_text:
-        return
+    if not t.host.dry_run and not reload and t.host.read(site) == site_text:
+        return False
     tmp = f"{t.layout.state}/site.conf.new"
     t.host.write(tmp, site_text)
     result = t.run(plan.route(t.settings, tmp, site, f"{t.layout.state}/site.conf.prev"),
                    f"routing {name}", warn=True)
     if result is None or result.ok:
-        return
+        return result is not None
     output = tail(result.stdout + result.stderr)
     if result.exited == plan.PROXY_REJECTED:
         raise DeployError(f"{name} rejected the configuration", t.host.name,

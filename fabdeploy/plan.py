@@ -52,6 +52,10 @@ def facts(settings: Settings, lock_info: dict | None = None, only_laid_out: bool
     return agent(settings["python"], *args)
 
 
+def remove_file(path: str) -> str:
+    return f"rm -f {quote(path)}"
+
+
 def unlock(layout: Layout) -> str:
     return f"rm -rf {quote(layout.lock)}"
 
