@@ -154,7 +154,10 @@ def go_live(t: Target, r: Reporter, event: str) -> None:
         r.step(t, "cold switch", ph.cold_switch, old)
         r.step(t, "switch", ph.publish, old, event)
         return
-    r.step(t, "route", ph.route_traffic, t.release, t.bind, old_bind)
+    if r.step(t, "route", ph.route_traffic, t.release, t.bind, old_bind):
+        # nginx's preview showed the release as visitors now see it, before they could.
+        r.step(t, "switch", ph.publish, old, event)
+        return
     try:
         r.step(t, "verify", ph.verify_through_proxy)
     except DeployError:

@@ -370,8 +370,11 @@ def app_error(log: str, lines: int = 20) -> str:
 # -- switching --------------------------------------------------------------
 
 def route_traffic(t: Target, release: str, active: str, backup: str | None,
-                  check: bool = True) -> None:
+                  check: bool = True) -> bool:
     """Send the proxy's traffic to `active`; `check`: through nginx's preview first.
+
+    True when the release was checked that way (a check after the switch
+    would see nothing new).
 
     Over unix sockets the site points at shared/run/live.sock, and the switch
     renames that link: no reload, which would drop requests on keep-alive
@@ -383,12 +386,12 @@ def route_traffic(t: Target, release: str, active: str, backup: str | None,
     """
     if not active.startswith("unix:"):
         install_site(t, render.proxy_site(t.settings, release, active, backup))
-        return
+        return False
     live, socket = f"unix:{t.layout.live_socket}", active[len("unix:"):]
     if t.settings["proxy"] != "nginx":
         install_site(t, render.proxy_site(t.settings, release, live, live))
         t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
-        return
+        return False
     # A new preview token (a fresh deploy_to) is nginx's only after a reload.
     if install_site(t, render.proxy_site(t.settings, release, live, live, t.layout),
                     reload=t.facts.get("preview_unloaded", False)):
@@ -396,12 +399,12 @@ def route_traffic(t: Target, release: str, active: str, backup: str | None,
         t.facts["preview_unloaded"] = False
     if not check:  # switching back to what served a moment ago: at once
         t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
-        return
+        return False
     preview = render.stamp(t.settings, release, live) + render.NEXT
     result = t.run(plan.preview_then_switch(t.settings, t.layout, socket, preview, 10),
                    "checking the release through nginx, then switching", warn=True)
     if result is None or result.ok:
-        return
+        return True
     answer = result.stdout.strip()
     if answer.startswith("unhealthy: "):
         raise DeployError(f"release {release} failed its check through nginx before the switch: "

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.host
 
 # The phases every first deploy must report, in this order (others may sit between).
 # Reading the host's facts is part of `lock` (README, "What a deploy does", step 3).
-PHASES = ["connect", "build", "lock", "upload", "venv", "install", "start", "route", "verify", "switch",
+PHASES = ["connect", "build", "lock", "upload", "venv", "install", "start", "route", "switch",
           "cleanup"]
 DETAIL = "  | "  # how an error's extra lines are indented
 
@@ -316,8 +316,10 @@ def assert_plan_of_a_first_deploy(project, out: str, release: str) -> None:
         "start": [("would run: ", rel), ("would run: ", "health", f"{root}/shared/run/{release}.sock")],
         "route": [("would write ", "(mode 644):"), (f"    listen {host.http_port};",),
                   ("    proxy_pass http://",),
-                  ("would run: ", f"{host.nginx_dir}/nginx.conf -t", "-s reload")],
-        "verify": [("would run: ", "health", f"127.0.0.1:{host.http_port}")],
+                  ("would run: ", f"{host.nginx_dir}/nginx.conf -t", "-s reload"),
+                  # Checked through nginx's preview, and only then switched live.
+                  ("would run: ", f"{root}/shared/run/next.sock", "health", f"127.0.0.1:{host.http_port}",
+                   "--preview-map", f"{root}/shared/run/live.sock")],
         "switch": [("would run: ", f"releases/{release}", f"{root}/current")],
         "cleanup": [("would run: ", f"rm -rf {root}/.fabdeploy/lock")],
     }
