@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 from harness.local_host import LocalHost  # noqa: E402
 from harness.project import Project, traversable_tmpdir  # noqa: E402
 
+SETTLE = 1.0  # seconds between timed runs
+
 TARGETS = {  # scenario: (largest fabdeploy/baseline ratio allowed, or an absolute limit in s)
     "first deploy": ("ratio", 1.0),
     "code-change redeploy": ("ratio", 1 / 3),
@@ -66,6 +68,9 @@ class Bench:
         project = self.ours if tool == "fabdeploy" else self.base
         argv = args if tool == "fabdeploy" else ("-c", "baseline_fabfile", *args)
         env = {"XDG_CACHE_HOME": str(self.local_cache), **(env or {})}
+        # Each run starts on a settled host: the run before may still be working in the
+        # background (the baseline's HUP restarts its workers; fabdeploy's cleanup deletes).
+        time.sleep(SETTLE)
         started = time.monotonic()
         project.fab(*argv, env=env)
         self.times.setdefault(scenario, {}).setdefault(tool, []).append(time.monotonic() - started)
