@@ -432,6 +432,23 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def free_port() -> int:
+    """A loopback port nobody listened on a moment ago (bound, then released)."""
+    return _free_ports(1)[0]
+
+
+def free_port_pair() -> int:
+    """A loopback port that is free, and so is the next one (gunicorn.bind uses both)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def _run(argv: list[str], **kw) -> None:
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, **kw)
     if result.returncode:

@@ -13,11 +13,11 @@ import hashlib
 import json
 import re
 import shlex
-import socket
 import time
 
 import pytest
 
+from harness.local_host import free_port_pair
 from load import served_version
 
 pytestmark = pytest.mark.host
@@ -206,20 +206,6 @@ def test_over_tcp_an_app_failing_only_behind_nginx_is_switched_back(project, hos
     assert "health check through nginx failed" in result.stderr
     assert f"switched back to {good}" in result.stdout + result.stderr
     assert_host_unchanged(project, host, good)
-
-
-def free_port_pair() -> int:
-    """A loopback port that is free, and so is the next one (gunicorn.bind uses both)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 class SlowReload:

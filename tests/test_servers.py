@@ -23,14 +23,13 @@ import json
 import pathlib
 import shutil
 import signal
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass
 
 import pytest
 
-from harness.local_host import LocalHost
+from harness.local_host import LocalHost, free_port, free_port_pair
 from harness.project import Project, traversable_tmpdir
 import load
 from load import flips
@@ -219,25 +218,6 @@ def probe_project(tmp_path: pathlib.Path, host: LocalHost, name: str) -> Project
     (path / name / "__init__.py").write_text(source)
     (path / "fabfile.py").write_text("from fabdeploy import ns  # noqa: F401\n")
     return Project(path, host, app=name)
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_pair() -> int:
-    """A loopback port that is free, and so is the next one (gunicorn.bind uses both)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 def wipe(host: LocalHost) -> None:

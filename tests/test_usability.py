@@ -17,7 +17,6 @@ import pty
 import re
 import select
 import signal
-import socket
 import stat
 import subprocess
 import threading
@@ -33,6 +32,7 @@ from fabdeploy import phases as ph
 from fabdeploy.errors import DeployError
 from fabdeploy.remote import Host
 from fabdeploy.settings import resolve
+from harness.local_host import free_port
 from harness.project import FAB
 
 pytestmark = pytest.mark.host
@@ -100,13 +100,6 @@ def served(host) -> str:
 def lock_dir(project) -> Path:
     """Where a held deploy lock lives."""
     return project.deploy_to / ".fabdeploy" / "lock"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- editing the project ----------------------------------------------------------
