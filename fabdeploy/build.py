@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DeployError, tail
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # build needs tomli on 3.10
+    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,11 @@ def cache_dir() -> Path:
 def isolation_needed(project_dir: Path, cache: Path) -> bool:
     """Build in an isolated env only when this one lacks the build requirements.
 
-    Asking the backend takes half a second, so the answer is kept per
-    pyproject.toml and Python.
+    Asking the backend takes a quarter to half a second, so the answer is
+    kept per build system (pyproject.toml's [build-system]) and Python: a
+    new version number in pyproject.toml does not ask again.
     """
-    pyproject = project_dir / "pyproject.toml"
-    key = hashlib.sha256(pyproject.read_bytes() + sys.executable.encode()).hexdigest()[:32]
+    key = hashlib.sha256(build_system(project_dir) + sys.executable.encode()).hexdigest()[:32]
     memo = cache / f"isolation-{key}"
     if memo.exists():
         return memo.read_text() == "isolated"
@@ -106,6 +112,16 @@ def isolation_needed(project_dir: Path, cache: Path) -> bool:
     cache.mkdir(parents=True, exist_ok=True)
     memo.write_text("isolated" if needed else "shared")
     return needed
+
+
+def build_system(project_dir: Path) -> bytes:
+    """pyproject.toml's [build-system] table, canonical; the whole file if it does not parse."""
+    text = (project_dir / "pyproject.toml").read_bytes()
+    try:
+        table = tomllib.loads(text.decode()).get("build-system", {})
+    except (ValueError, UnicodeDecodeError):
+        return text
+    return json.dumps(table, sort_keys=True).encode()
 
 
 def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:

@@ -6,6 +6,7 @@ tests show that each means does what it claims and costs no correctness.
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import urllib.request
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 from fabric import Connection
 
+from fabdeploy import build
 from fabdeploy.remote import Host, PromptAcks
+from harness.project import EXAMPLE
 
 pytestmark = pytest.mark.host
 
@@ -175,3 +178,23 @@ def test_a_deployed_host_is_locked_while_the_wheel_builds_a_fresh_one_after(proj
     assert not (project.deploy_to / ".fabdeploy" / "lock").exists()
     audit = (project.deploy_to / ".fabdeploy" / "audit.jsonl").read_text().splitlines()
     assert [json.loads(line)["event"] for line in audit] == ["deploy", "deploy"]
+
+
+def test_a_new_version_number_does_not_ask_the_build_backend_again(tmp_path, monkeypatch):
+    """Whether to build in an isolated env is asked of the backend (a subprocess, 0.25 s)
+    once per [build-system], not once per pyproject.toml: a version bump changes the file."""
+    project, cache = tmp_path / "guestbook", tmp_path / "cache"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("*.egg-info", "build"))
+    assert build.isolation_needed(project, cache) is False  # this env has setuptools
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('version = "1.0.0"', 'version = "1.0.1"'))
+
+    asked = []
+    monkeypatch.setattr("build.ProjectBuilder", lambda *a, **k: asked.append(a) or 1 / 0)
+    assert build.isolation_needed(project, cache) is False
+    assert asked == []
+    # Another build system is asked about (here the stand-in fails: isolated, to be safe).
+    pyproject.write_text(pyproject.read_text().replace("[build-system]\n", "[build-system]\n# x\n")
+                         .replace('requires = [', 'requires = ["wheel", '))
+    assert build.isolation_needed(project, cache) is True
+    assert len(asked) == 1
