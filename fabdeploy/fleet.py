@@ -145,22 +145,25 @@ def install_release(t: Target, r: Reporter) -> None:
 
 
 def go_live(t: Target, r: Reporter, event: str) -> None:
-    """Move traffic to the started release; put it back if it fails through the proxy."""
-    old, old_bind = t.current, t.facts.get("current_bind")
+    """Move traffic to the started release, checked through the proxy, and make it current."""
+    old = t.current
     if t.wheel is not None:
         # Only now is the release complete: one killed earlier is never a rollback target.
         ph.record_release(t)
     if t.settings["proxy"] == "none":
         r.step(t, "cold switch", ph.cold_switch, old)
-        r.step(t, "switch", ph.publish, old, event)
-        return
-    if r.step(t, "route", ph.route_traffic, t.release, t.bind, old_bind):
-        # nginx's preview showed the release as visitors now see it, before they could.
-        r.step(t, "switch", ph.publish, old, event)
-        return
+    elif not r.step(t, "route", ph.route_traffic, t.release, t.bind, t.facts.get("current_bind")):
+        # No preview (Apache, TCP binds): the check comes after the switch.
+        verify_or_switch_back(t, r, old)
+    r.step(t, "switch", ph.publish, old, event)
+
+
+def verify_or_switch_back(t: Target, r: Reporter, old: str | None) -> None:
+    """The release through the proxy, as visitors now get it; if it fails, the old one again."""
     try:
         r.step(t, "verify", ph.verify_through_proxy)
     except DeployError:
+        old_bind = t.facts.get("current_bind")
         if old_bind:
             ph.route_traffic(t, old, old_bind, None, check=False)
             r.line(f"[{t.host.name}] switched back to {old}: the new release failed through "
@@ -169,7 +172,6 @@ def go_live(t: Target, r: Reporter, event: str) -> None:
         else:
             ph.restore_site(t)  # a first deploy: leave the proxy as it was
         raise
-    r.step(t, "switch", ph.publish, old, event)
 
 
 def abandon(t: Target, reason: str) -> None:
