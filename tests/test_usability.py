@@ -61,11 +61,6 @@ def own_wheel_cache(tmp_path_factory):
         yield
 
 
-def xfail(reason: str):
-    """A known fabdeploy bug (see the report): strict, so the fix turns it into a failure to remove."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 # -- looking at the host --------------------------------------------------------
 
 def snapshot(*roots: Path) -> dict:
