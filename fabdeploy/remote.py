@@ -212,8 +212,10 @@ class Host:
             channel.exec_command(command)
             channel.shutdown_write()
             out, err = [], []
+            ready = select.poll()  # not select(): a fleet's descriptors may pass 1024
+            ready.register(channel, select.POLLIN)
             while True:
-                select.select([channel], [], [], 1.0)  # wakes on output, EOF or close
+                ready.poll(1000)  # wakes on output, EOF or close
                 while channel.recv_ready():
                     out.append(channel.recv(1 << 16))
                 while channel.recv_stderr_ready():
