@@ -162,7 +162,7 @@ def make_preview_map(path):
     tmp = "%s.%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write('"%s" _next;\n' % secrets.token_hex(16))
+        f.write('"%s" _next;\n' % secrets.token_hex(16))  # _next: render.NEXT
     os.rename(tmp, path)
 
 

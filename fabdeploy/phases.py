@@ -388,20 +388,18 @@ def route_traffic(t: Target, release: str, active: str, backup: str | None,
         install_site(t, render.proxy_site(t.settings, release, active, backup))
         return False
     live, socket = f"unix:{t.layout.live_socket}", active[len("unix:"):]
-    if t.settings["proxy"] != "nginx":
-        install_site(t, render.proxy_site(t.settings, release, live, live))
-        t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
-        return False
+    preview = t.settings["proxy"] == "nginx"  # Apache's site has none
+    site = render.proxy_site(t.settings, release, live, live, t.layout if preview else None)
     # A new preview token (a fresh deploy_to) is nginx's only after a reload.
-    if install_site(t, render.proxy_site(t.settings, release, live, live, t.layout),
-                    reload=t.facts.get("preview_unloaded", False)):
+    unloaded = preview and t.facts.get("preview_unloaded", False)
+    if install_site(t, site, reload=unloaded) and unloaded:
         t.run(plan.remove_file(t.layout.preview_unloaded), "noting the preview token as loaded")
         t.facts["preview_unloaded"] = False
-    if not check:  # switching back to what served a moment ago: at once
+    if not (preview and check):  # no preview, or back to what served a moment ago: at once
         t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
         return False
-    preview = render.stamp(t.settings, release, live) + render.NEXT
-    result = t.run(plan.preview_then_switch(t.settings, t.layout, socket, preview, 10),
+    stamp = render.stamp(t.settings, release, live) + render.NEXT
+    result = t.run(plan.preview_then_switch(t.settings, t.layout, socket, stamp, 10),
                    "checking the release through nginx, then switching", warn=True)
     if result is None or result.ok:
         return True

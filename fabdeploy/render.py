@@ -27,7 +27,7 @@ def stamp(settings: Settings, release: str, active_bind: str) -> str:
     return settings.app if active_bind.startswith("unix:") else f"{settings.app}@{release}"
 
 
-NEXT = "_next"  # the suffix of the preview's upstream, and of its stamp
+NEXT = "_next"  # the suffix of the preview's upstream, and of its stamp (agent.make_preview_map)
 
 
 def proxy_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None,
