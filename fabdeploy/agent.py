@@ -301,6 +301,59 @@ def health(args):
     return 1
 
 
+STALE_PROXY = 91  # exit status of reload_proxy when the old configuration keeps serving
+
+
+def accepting_worker(pid, master):
+    """True while `pid` is a worker of nginx's `master` that still takes new connections.
+
+    An nginx worker told to quit renames itself "worker process is shutting
+    down" and, in the same step, closes its listening sockets.
+    """
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            if int(f.read().rsplit(")", 1)[1].split()[1]) != master:
+                return False
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").strip() == b"nginx: worker process"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def reload_proxy(args):
+    """Run the reload command; for nginx, then wait until its old workers take no more connections.
+
+    nginx's master starts the new workers first and tells the old ones to
+    quit about 100 ms later: meanwhile both accept connections, so a new
+    connection may still meet the old configuration after one has met the
+    new. The reload is done only when every worker from before it has
+    stopped accepting. (Without nginx's pid file there is nothing to wait for.)
+    """
+    import subprocess
+    master = None
+    if args.pid_file:
+        try:
+            with open(args.pid_file) as f:
+                master = int(f.read().strip())
+        except (OSError, ValueError):
+            pass
+    old = set()
+    if master:
+        old = set(int(n) for n in os.listdir("/proc") if n.isdigit() and accepting_worker(int(n), master))
+    code = subprocess.call(args.run, shell=True)
+    if code:
+        return code
+    deadline = time.monotonic() + args.timeout
+    while True:
+        old = set(pid for pid in old if accepting_worker(pid, master))
+        if not old:
+            return 0
+        if time.monotonic() > deadline:
+            print("its workers from before the reload still take connections after %gs" % args.timeout)
+            return STALE_PROXY
+        time.sleep(0.01)
+
+
 def same_content(a, b):
     """Files with the same bytes (hard links of one file in uv's cache, most often)."""
     try:
@@ -379,6 +432,10 @@ def main(argv):
     p.add_argument("--unit")
     p.add_argument("--stamp", help="expect the proxy's X-Fabdeploy-Site header to say this")
     p.add_argument("--preview-map", help="send the preview token kept in this nginx map file")
+    p = sub.add_parser("reload", help="reload the proxy and wait until it serves the new config")
+    p.add_argument("--run", required=True, help="the proxy's reload command, run by sh")
+    p.add_argument("--pid-file", help="nginx's pid file: wait for the workers of its master")
+    p.add_argument("--timeout", type=float, default=10)
     p = sub.add_parser("compile", help="run with the venv's python")
     p.add_argument("--like", help="the previous release's venv, whose bytecode may be reused")
     args = parser.parse_args(argv)
@@ -386,6 +443,8 @@ def main(argv):
         return facts(args)
     if args.command == "compile":
         return compile_venv(args)
+    if args.command == "reload":
+        return reload_proxy(args)
     return health(args)
 
 

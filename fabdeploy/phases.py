@@ -429,6 +429,9 @@ def install_site(t: Target, site_text: str, reload: bool = False) -> bool:
     if result.exited == plan.PROXY_REJECTED:
         raise DeployError(f"{name} rejected the configuration", t.host.name,
                           hint=f"fix {name}'s configuration; nothing was switched", detail=output)
+    if result.exited == plan.PROXY_STALE:
+        raise DeployError(f"{name} still serves its old configuration after a reload", t.host.name,
+                          hint=f"a reload {name} cannot apply is only logged: see {name}'s error log")
     raise DeployError(f"routing {name} failed (exit {result.exited})", t.host.name,
                       hint=f"allow passwordless sudo for install and the {name} commands, "
                            "or make the site's directory writable", detail=output)
@@ -470,7 +473,7 @@ def restore_site(t: Target) -> None:
     """Put back the site the last route replaced (or remove ours, if there was none)."""
     saved = f"{t.layout.state}/site.conf.prev"
     t.run(f"{plan.restore_copy(t.settings.proxy['site_path'], saved)} && "
-          f"{t.settings.proxy['reload_command']}", "restoring the proxy's site", warn=True)
+          f"{plan.reload_proxy(t.settings)}", "restoring the proxy's site", warn=True)
 
 
 def publish(t: Target, old: str | None, event: str) -> None:

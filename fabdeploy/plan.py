@@ -260,6 +260,7 @@ def parent(path: str) -> str:
 
 
 PROXY_REJECTED = 90  # exit status of route() when the proxy's config test fails
+PROXY_STALE = 91  # the agent's reload: the old configuration still takes connections
 PROXY_PROGRAMS = {"nginx": "nginx", "apache": "apache2ctl"}  # what the agent looks for
 
 
@@ -271,7 +272,22 @@ def route(settings: Settings, tmp: str, site: str, saved: str) -> str:
     proxy = settings.proxy
     return (f"{save_copy(site, saved)} && {install_file(tmp, site)}"
             f" && {{ {proxy['test_command']} || {{ {restore_copy(site, saved)}; exit {PROXY_REJECTED}; }}; }}"
-            f"{disable_stock_site(settings)} && {proxy['reload_command']}")
+            f"{disable_stock_site(settings)} && {reload_proxy(settings)}")
+
+
+def reload_proxy(settings: Settings, timeout: float = 10) -> str:
+    """The proxy's reload, done only once no new connection can meet the old configuration.
+
+    For nginx that is when every worker from before the reload has stopped
+    accepting, which nginx's master tells them about 100 ms after the new
+    ones started; the agent waits for it. Apache's old children stop
+    accepting as soon as they are told to.
+    """
+    proxy = settings.proxy
+    if settings["proxy"] != "nginx" or not proxy.get("pid_file"):
+        return proxy["reload_command"]
+    return agent(settings["python"], "reload", f"--run={proxy['reload_command']}",
+                 f"--pid-file={proxy['pid_file']}", "--timeout", timeout)
 
 
 def disable_stock_site(settings: Settings) -> str:

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "site_path": None,
         "test_command": "sudo nginx -t",
         "reload_command": "sudo systemctl reload nginx",
+        "pid_file": "/run/nginx.pid",  # its master's: a reload waits until the old workers stop
     },
     "apache": {
         "listen": 80,

@@ -72,7 +72,8 @@ class Nginx:
         return {"nginx": {"listen": http_port,
                           "site_path": str(self.site_dir / f"{app}.conf"),
                           "test_command": shlex.join(self.argv("-t")),
-                          "reload_command": shlex.join(self.argv("-s", "reload"))}}
+                          "reload_command": shlex.join(self.argv("-s", "reload")),
+                          "pid_file": str(self.pid_file)}}
 
 
 class Apache:

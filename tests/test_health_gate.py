@@ -10,19 +10,25 @@ the host as it was (current, the version served, no lock), mark the release
 FAILED so that nothing picks it again, and say so in the audit log.
 """
 import hashlib
+import http.client
 import json
 import re
 import shlex
 import time
+import urllib.parse
+from pathlib import Path
 
 import pytest
 
+from fabdeploy import plan
+from fabdeploy.settings import resolve
 from harness.local_host import free_port_pair
 from load import served_version
 
 pytestmark = pytest.mark.host
 
 APP = "guestbook"
+EXAMPLE = Path(__file__).resolve().parent.parent / "example"
 AUDIT_FIELDS = {"event", "who", "when", "release", "sha256"}
 # A traceback frame of fabdeploy itself, or of the fab CLI around it. ".fabdeploy/"
 # (the state directory) does not match: it is preceded by a dot, not a slash.
@@ -242,11 +248,74 @@ class SlowReload:
         return {"asked": lines.count("asked"), "done": lines.count("done")}
 
 
+def load_stale_site(host, text: str) -> None:
+    """Make nginx serve `text` with 200 for every request on the host's port, from memory only.
+
+    As a site left from before (or a wiped deploy) would: its file is gone
+    again, but nginx answers with it until the next reload. It would fool any
+    check that took a 200 on that port for the new release.
+    """
+    site = host.site_dir / f"{APP}.conf"
+    site.write_text(f'server {{ listen {host.http_port}; location / {{ return 200 "{text}"; }} }}\n')
+    host.run_as_user(plan.reload_proxy(resolve(host.settings(APP), EXAMPLE)))
+    site.unlink()
+    assert fresh_answers(host.url, 5) == [text] * 5
+
+
+def fresh_answers(url: str, count: int) -> list[str]:
+    """The bodies of `count` GETs of /, each on a new connection."""
+    parts = urllib.parse.urlsplit(url)
+    bodies = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            bodies.append(conn.getresponse().read().decode())
+        finally:
+            conn.close()
+    return bodies
+
+
+def test_a_reload_is_over_only_when_no_connection_can_meet_the_old_site(project, host):
+    """After a reload, nginx's old workers accept connections for about 100 ms more.
+
+    Its master starts the new workers and only then tells the old ones to
+    quit. fabdeploy's reload returns once every old worker has stopped
+    accepting; nginx's own reload command returns before the new ones even
+    exist (the control, which must see the old site at least once).
+    """
+    settings = resolve(host.settings(APP), EXAMPLE)
+    site = host.site_dir / f"{APP}.conf"
+    stale_after_plain = 0
+    for n in range(5):
+        for command in (settings.nginx["reload_command"], plan.reload_proxy(settings)):
+            load_stale_site(host, "old")
+            site.write_text(f'server {{ listen {host.http_port}; location / {{ return 200 "new{n}"; }} }}\n')
+            host.run_as_user(command)
+            answers = fresh_answers(host.url, 40)
+            if command == settings.nginx["reload_command"]:
+                stale_after_plain += answers.count("old")
+                settle = time.monotonic() + 10
+                while "old" in fresh_answers(host.url, 20):  # before the next round starts
+                    assert time.monotonic() < settle, "nginx kept its old workers"
+            else:
+                assert answers == [f"new{n}"] * 40, f"round {n}: {answers}"
+            site.unlink()
+    assert stale_after_plain > 0
+
+
 def test_check_through_nginx_is_not_fooled_by_a_slow_reload(project, host):
-    """The check through nginx must judge the new release, not the old config still serving."""
+    """The check through nginx must judge the new release, not the old config still serving.
+
+    nginx starts with a stale site in memory that answers 200 to everything on
+    the port, and the site's reload lands a second after its command returns.
+    """
+    load_stale_site(host, "stale")
     reloads = SlowReload(project, host, delay=1.0)
     try:
         good = deploy_good(project, host)
+        # Every new connection, from the moment the deploy returns, meets the new site.
+        assert [served_version(host.url) for _ in range(20)] == ["1.0.0"] * 20
         break_behind_nginx(project)
         result = deploy_broken(project)
     finally:
