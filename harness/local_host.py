@@ -20,6 +20,7 @@ import os
 import pathlib
 import pwd
 import re
+import random
 import secrets
 import shlex
 import shutil
@@ -421,33 +422,57 @@ def _make_dirs(path: pathlib.Path) -> None:
         d.chmod(0o755)  # explicit: the umask may be stricter
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports; every socket stays bound until all are picked."""
-    socks = [socket.socket() for _ in range(count)]
+def _port_range() -> range:
+    """Ports below Linux's ephemeral range (or above it): no outgoing connection takes one.
+
+    A port picked for a host's nginx is not listened on until its first
+    deploy; inside the ephemeral range, a client socket (or another host's
+    pick) could take it meanwhile, and nginx's bind would then fail.
+    """
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low, high = map(int, pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(10000, low) if low - 10000 >= 4096 else range(high + 1, 65536)
+
+
+_GIVEN: set[int] = set()  # every port this process handed out: never twice
+
+
+def _free_ports(count: int, consecutive: bool = False) -> list[int]:
+    """Distinct free ports (`consecutive`: count ports in a row), never handed out before here.
+
+    Each is checked by binding it on all addresses, as nginx's `listen` will.
+    """
+    ports = _port_range()
+    while True:
+        start = random.choice(ports)
+        picked = [start + i for i in range(count)] if consecutive else \
+            [start] + random.sample(ports, count - 1)
+        if len(set(picked)) < count or any(p in _GIVEN or p not in ports for p in picked):
+            continue
+        if all(map(_bindable, picked)):
+            _GIVEN.update(picked)
+            return picked
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    """A loopback port nobody listened on a moment ago (bound, then released)."""
+    """A port nobody listens on, outside the ephemeral range, not handed out before."""
     return _free_ports(1)[0]
 
 
 def free_port_pair() -> int:
-    """A loopback port that is free, and so is the next one (gunicorn.bind uses both)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
+    """A free port whose next one is free too (gunicorn.bind uses both)."""
+    return _free_ports(2, consecutive=True)[0]
 
 
 def _run(argv: list[str], **kw) -> None:
