@@ -280,8 +280,8 @@ def reload_proxy(settings: Settings, timeout: float = 10) -> str:
 
     For nginx that is when every worker from before the reload has stopped
     accepting, which nginx's master tells them about 100 ms after the new
-    ones started; the agent waits for it. Apache's old children stop
-    accepting as soon as they are told to.
+    ones started; the agent waits for it. Apache's graceful reload is run
+    as it is: whether its old children have such a window is not measured.
     """
     proxy = settings.proxy
     if settings["proxy"] != "nginx" or not proxy.get("pid_file"):
