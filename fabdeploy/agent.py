@@ -256,20 +256,33 @@ class Final(Exception):
     """An answer that settles the check: do not retry."""
 
 
+def read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def stat_fields(pid):
+    """/proc/PID/stat after the command's name (state, ppid, ...); None if there is no such process."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def server_gone(args, started):
     """True when the server we wait for has died: no point waiting further."""
     if args.pid_file:
         if not os.path.exists(args.pid_file):
             # gunicorn writes it first thing, and removes it when it exits.
             return time.monotonic() - started > 10
-        try:
-            with open(args.pid_file) as f:
-                pid = int(f.read().strip())
-            with open("/proc/%d/stat" % pid) as f:
-                # A dead daemon may linger as a zombie until init reaps it.
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, ValueError, IndexError):
-            return True
+        pid = read_pid(args.pid_file)
+        fields = stat_fields(pid) if pid else None
+        # A dead daemon may linger as a zombie until init reaps it.
+        return not fields or fields[0] == "Z"
     if args.unit:
         import subprocess
         state = subprocess.run(["systemctl", "is-failed", "--quiet", args.unit])
@@ -310,13 +323,13 @@ def accepting_worker(pid, master):
     An nginx worker told to quit renames itself "worker process is shutting
     down" and, in the same step, closes its listening sockets.
     """
+    fields = stat_fields(pid)
+    if not fields or int(fields[1]) != master:
+        return False
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            if int(f.read().rsplit(")", 1)[1].split()[1]) != master:
-                return False
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             return f.read().replace(b"\0", b" ").strip() == b"nginx: worker process"
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return False
 
 
@@ -330,13 +343,7 @@ def reload_proxy(args):
     stopped accepting. (Without nginx's pid file there is nothing to wait for.)
     """
     import subprocess
-    master = None
-    if args.pid_file:
-        try:
-            with open(args.pid_file) as f:
-                master = int(f.read().strip())
-        except (OSError, ValueError):
-            pass
+    master = read_pid(args.pid_file) if args.pid_file else None
     old = set()
     if master:
         old = set(int(n) for n in os.listdir("/proc") if n.isdigit() and accepting_worker(int(n), master))

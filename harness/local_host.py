@@ -19,8 +19,8 @@ import json
 import os
 import pathlib
 import pwd
-import re
 import random
+import re
 import secrets
 import shlex
 import shutil
