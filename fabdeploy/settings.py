@@ -1,22 +1,27 @@
-"""Settings: defaults, validation and the values derived from the project."""
+"""Settings: defaults, old names, and every value validated once, at load.
+
+`resolve()` turns the `fabdeploy:` mapping of fabric.yaml into a frozen
+`Settings`. A bad value fails here, naming its key, before anything
+connects. Values that reach a shell are still quoted where they are used.
+"""
 from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import os
+import re
+import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import catalog
 from .errors import DeployError
+from .model import Bind
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # build depends on tomli on 3.10
-    import tomli as tomllib
-
-# None means "derived from other settings or from the host"; see resolve().
+# None means "derived from other settings or from the host"; see derive().
 DEFAULTS: dict[str, Any] = {
     "app": None,
     "wsgi": None,
@@ -27,73 +32,187 @@ DEFAULTS: dict[str, Any] = {
     "health_timeout": 30,
     "keep_previous_running": True,
     "python": "python3",
-    "server": "gunicorn",
-    "asgi": False,
     "packages": [],
     "installer": "auto",
     "wheelhouse": True,
     "project_dir": ".",
     "output": "text",
     "known_hosts": "~/.ssh/known_hosts",
-    "gunicorn": {
-        "manager": None,
-        "bind": None,
-        "worker_class": None,
+    "server": {
+        "kind": "gunicorn",
         "workers": 2,
+        "worker_class": None,
+        "asgi": False,
+        "bind": None,
+        "public_bind": "0.0.0.0:8000",
+        "manager": None,
         "timeout": 30,
         "graceful_timeout": 20,
-        "group": "www-data",
+    },
+    "proxy": {
+        "kind": "nginx",
+        "listen": 80,
+        "server_name": "_",
+        # Only where the proxy runs as the deploy user (a throwaway host); a provisioned
+        # host's site is root's, rendered by provision.
+        "site_path": None,
+        "test_command": None,
+        "reload_command": None,
+        "pid_file": None,
     },
     "provision": {
         "user": "deploy",
         "public_key": None,
-        "packages": ["nginx", "python3", "python3-venv", "sudo"],
-    },
-    "proxy": "nginx",
-    "nginx": {
-        "listen": 80,
-        "server_name": "_",
-        "site_path": None,
-        "test_command": "sudo nginx -t",
-        "reload_command": "sudo systemctl reload nginx",
-        "pid_file": "/run/nginx.pid",  # its master's: a reload waits until the old workers stop
-    },
-    "apache": {
-        "listen": 80,
-        "server_name": "_",
-        "site_path": None,
-        "test_command": "sudo apache2ctl configtest",
-        "reload_command": "sudo systemctl reload apache2",
-    },
-    "direct": {
-        "bind": "0.0.0.0:8000",  # proxy: none: where the app server listens for the balancer
+        "packages": None,
     },
 }
 
-PROXIES = ("nginx", "apache", "none")
+# Old names, and the new key each now is. They work for this version, with a warning.
+RENAMED = {
+    "asgi": "server.asgi",
+    "direct.bind": "server.public_bind",
+    **{f"gunicorn.{k}": f"server.{k}" for k in ("manager", "bind", "workers", "worker_class",
+                                                "timeout", "graceful_timeout")},
+    **{f"{p}.{k}": f"proxy.{k}" for p in ("nginx", "apache")
+       for k in ("listen", "server_name", "site_path", "test_command", "reload_command", "pid_file")},
+}
+# Old names with no new key: said once, then ignored.
+DROPPED = {
+    "gunicorn.group": "each app's units now run in a group of their own, fd-<app>, made by provision",
+}
 
-MANAGERS = ("systemd", "pidfile")
-INSTALLERS = ("auto", "uv", "pip")
+PROXY_DEFAULTS = {  # per proxy kind, for a proxy the deploy user runs itself
+    "nginx": {"site_path": "/etc/nginx/sites-enabled/{app}.conf", "test_command": "nginx -t",
+              "reload_command": "nginx -s reload", "pid_file": "/run/nginx.pid"},
+    "apache": {"site_path": "/etc/apache2/sites-enabled/{app}.conf",
+               "test_command": "apache2ctl configtest", "reload_command": "apache2ctl graceful",
+               "pid_file": ""},
+    "none": {"site_path": "", "test_command": "", "reload_command": "", "pid_file": ""},
+}
+PROVISION_PACKAGES = {"nginx": ["nginx", "python3", "python3-venv", "sudo"],
+                      "apache": ["apache2", "python3", "python3-venv", "sudo"],
+                      "none": ["python3", "python3-venv", "sudo"]}
 
 
-def merge(defaults: dict, given: dict, prefix: str = "") -> dict:
-    """Deep-merge `given` over `defaults`, refusing keys the defaults lack."""
-    merged = copy.deepcopy(defaults)
-    for key, value in given.items():
-        name = prefix + key
-        if key not in defaults:
-            close = difflib.get_close_matches(key, list(defaults), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise DeployError(f"unknown setting 'fabdeploy.{name}'{hint}",
-                              hint="fix fabric.yaml")
-        if isinstance(defaults[key], dict):
-            if not isinstance(value, dict):
-                raise DeployError(f"setting 'fabdeploy.{name}' must be a mapping",
-                                  hint="fix fabric.yaml")
-            merged[key] = merge(defaults[key], value, name + ".")
-        else:
-            merged[key] = value
-    return merged
+# -- the typed settings ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Listen:
+    """One address the proxy listens on: a port, on an address or on all of them."""
+
+    port: int
+    address: str | None = None  # None: every address (IPv4, and IPv6 where the host has it)
+
+    @property
+    def nginx(self) -> str:
+        if self.address is None:
+            return str(self.port)
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    @property
+    def probe(self) -> str:
+        """Where the agent asks: loopback of the listen address's family."""
+        if self.address is None or self.address == "0.0.0.0":
+            return f"127.0.0.1:{self.port}"
+        if self.address == "::":
+            return f"[::1]:{self.port}"
+        return self.nginx
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    kind: str
+    workers: int
+    worker_class: str
+    asgi: bool
+    bind: Bind | None
+    public_bind: Bind
+    manager: str | None
+    timeout: int
+    graceful_timeout: int
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    kind: str
+    listen: tuple[Listen, ...]
+    server_name: tuple[str, ...]
+    site_path: str
+    test_command: str
+    reload_command: str
+    pid_file: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def catch_all(self) -> bool:
+        return self.server_name == ("_",)
+
+    @property
+    def host_header(self) -> str:
+        """What the agent sends as Host when it asks through the proxy."""
+        return "localhost" if self.catch_all else self.server_name[0].removeprefix("*.")
+
+
+@dataclass(frozen=True)
+class ProvisionSettings:
+    user: str
+    public_key: str | None
+    packages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every value of one invocation known but the host's, validated."""
+
+    app: str
+    wsgi: str
+    deploy_to: str
+    keep_releases: int
+    init_command: tuple[str, ...]
+    health_path: str
+    health_timeout: float
+    keep_previous_running: bool
+    python: str
+    packages: tuple[str, ...]
+    installer: str
+    wheelhouse: bool
+    project_dir: str
+    output: str
+    known_hosts: str
+    server: ServerSettings
+    proxy: ProxySettings
+    provision: ProvisionSettings
+    hosts: tuple = ()              # HostEntry for each configured host
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # for per-host overrides
+    base_dir: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def import_name(self) -> str:
+        return self.app.replace("-", "_")
+
+    @property
+    def group(self) -> str:
+        """The app's own group: its sockets and units, with the proxy's user in it."""
+        return f"fd-{self.app}"
+
+    def for_host(self, user: str | None, host: str, port: int | None) -> "Settings":
+        """These settings with the host's own overrides, if `hosts` gives any."""
+        entry = next((e for e in self.hosts if e.matches(user, host, port)), None)
+        if entry is None or not entry.overrides:
+            return self
+        return build(overlay(self.raw, entry.overrides), self.base_dir, self.hosts,
+                     prefix=f"hosts[{entry.spec}].")
+
+
+# -- reading fabric.yaml ----------------------------------------------------------
+
+def fail(key: str, why: str) -> DeployError:
+    return DeployError(f"setting 'fabdeploy.{key}' {why}", hint="fix fabric.yaml")
 
 
 def plain(value: Any) -> Any:
@@ -105,25 +224,26 @@ def plain(value: Any) -> Any:
     return value
 
 
-def project_name(project_dir: Path) -> str:
-    """The `[project].name` of the pyproject.toml in project_dir."""
-    path = project_dir / "pyproject.toml"
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise DeployError(f"no pyproject.toml in {project_dir}",
-                          hint="run fab from your project, or set fabdeploy.project_dir") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DeployError(f"{path} does not parse: {exc}", hint="fix pyproject.toml") from None
-    try:
-        return data["project"]["name"]
-    except (KeyError, TypeError):
-        raise DeployError(f"{path} has no [project].name",
-                          hint="add it, or set fabdeploy.app") from None
+def merge(defaults: dict, given: dict, prefix: str = "") -> dict:
+    """Deep-merge `given` over `defaults`, refusing keys the defaults lack."""
+    merged = copy.deepcopy(defaults)
+    for key, value in given.items():
+        name = prefix + key
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise DeployError(f"unknown setting 'fabdeploy.{name}'{hint}", hint="fix fabric.yaml")
+        if isinstance(defaults[key], dict):
+            if not isinstance(value, dict):
+                raise fail(name, "must be a mapping")
+            merged[key] = merge(defaults[key], value, name + ".")
+        else:
+            merged[key] = value
+    return merged
 
 
 def overlay(base: dict, extra: dict) -> dict:
-    """Nested dicts merged without validation (that happens once, in derive)."""
+    """Nested dicts merged without validation (that happens once, in build)."""
     merged = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -131,6 +251,285 @@ def overlay(base: dict, extra: dict) -> dict:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def modernise(raw: dict, prefix: str = "") -> tuple[dict, list[str]]:
+    """Old setting names moved to their new keys; one warning line for each."""
+    raw = copy.deepcopy(raw)
+    warnings = []
+    for section in ("server", "proxy"):  # `server: waitress` is now server.kind
+        if isinstance(raw.get(section), str):
+            raw[section] = {"kind": raw[section]}
+            warnings.append(f"'{prefix}{section}: {raw[section]['kind']}' is now "
+                            f"'{prefix}{section}.kind'")
+    kind = (raw.get("proxy") or {}).get("kind", "nginx")
+    for old, new in {**RENAMED, **{k: None for k in DROPPED}}.items():
+        top, _, sub = old.partition(".")
+        source = raw.get(top)
+        if sub and not (isinstance(source, dict) and sub in source):
+            continue
+        if not sub and top not in raw:
+            continue
+        value = source.pop(sub) if sub else raw.pop(top)
+        if sub and not source:
+            raw.pop(top)
+        if new is None:
+            warnings.append(f"'{prefix}{old}' is no longer used: {DROPPED[old]}")
+            continue
+        if top in ("nginx", "apache") and top != kind:
+            warnings.append(f"'{prefix}{old}' is ignored: the proxy is {kind}")
+            continue
+        section, _, key = new.partition(".")
+        raw.setdefault(section, {}).setdefault(key, value)
+        warnings.append(f"'{prefix}{old}' is now '{prefix}{new}'")
+    return raw, warnings
+
+
+# -- checks: each turns a raw value into a typed one, or fails naming the key ------
+
+NAME = re.compile(r"^[a-z_][a-z0-9_-]*$")
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._/@+~-]+$")
+HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+URL_PATH = re.compile(r"^/[!-~]*$")  # printable ASCII, no space, CR or LF
+PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # a Debian package name
+FLASK_WORD = re.compile(r"^[^\x00-\x1f\x7f]+$")
+
+
+def name(key: str, value: Any, longest: int = 29) -> str:
+    """app and provision.user: a Unix-style name (group fd-<app> must stay under 32 characters)."""
+    if not isinstance(value, str) or not NAME.match(value) or len(value) > longest:
+        raise fail(key, f"must match ^[a-z_][a-z0-9_-]*$ (at most {longest} characters), not {value!r}")
+    return value
+
+
+def integer(key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise fail(key, f"must be a whole number, not {value!r}")
+    number = int(value)
+    if not low <= number <= high:
+        raise fail(key, f"must be from {low} to {high}, not {number}")
+    return number
+
+
+def seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise fail(key, f"must be a number of seconds above 0, not {value!r}")
+    return float(value)
+
+
+def boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise fail(key, f"must be true or false, not {value!r}")
+    return value
+
+
+def choice(key: str, value: Any, options) -> str:
+    if value not in options:
+        raise fail(key, f"must be one of {', '.join(options)}, not {value!r}")
+    return value
+
+
+def text(key: str, value: Any, allow_empty: bool = True) -> str:
+    """A one-line string: no control characters (a newline would end a directive or a line)."""
+    if not isinstance(value, str) or (value and not FLASK_WORD.match(value)) or (not value and not allow_empty):
+        raise fail(key, f"must be one line of text, not {value!r}")
+    return value
+
+
+def path(key: str, value: Any, absolute: bool = False) -> str:
+    """A path from a safe character set, with no '..' part."""
+    if not isinstance(value, str) or not SAFE_PATH.match(value) or ".." in value.split("/"):
+        raise fail(key, f"must be a plain path (letters, digits, ._/@+~-, no '..'), not {value!r}")
+    if absolute and not value.startswith("/"):
+        raise fail(key, f"must be an absolute path, not {value!r}")
+    return value
+
+
+def deploy_to(key: str, value: Any) -> str:
+    value = path(key, value).rstrip("/")
+    if not (value.startswith("/") or value.startswith("~/")) or "//" in value or value in ("", "~"):
+        raise fail(key, f"must be absolute or start with ~/, not {value!r}")
+    if "~" in value[1:] or "/./" in value + "/":
+        raise fail(key, f"must be a plain path, not {value!r}")
+    return value
+
+
+def words(key: str, value: Any) -> tuple[str, ...]:
+    """A flask command and its arguments, e.g. 'init-db' or 'db upgrade'; '' for none."""
+    text(key, value)
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise fail(key, f"does not split into words: {exc}") from None
+
+
+def requirement(key: str, value: Any) -> str:
+    from packaging.requirements import InvalidRequirement, Requirement  # build depends on packaging
+    try:
+        Requirement(text(key, value, allow_empty=False))
+    except InvalidRequirement as exc:
+        raise fail(key, f"is not a requirement: {str(exc).splitlines()[0]}") from None
+    return value
+
+
+def debian_package(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not PACKAGE.match(value):
+        raise fail(key, f"is not a Debian package name: {value!r}")
+    return value
+
+
+def listing(key: str, value: Any, check: Callable[[str, Any], Any]) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise fail(key, f"must be a list, not {value!r}")
+    return tuple(check(f"{key}[{i}]", item) for i, item in enumerate(value))
+
+
+def server_names(key: str, value: Any) -> tuple[str, ...]:
+    """Hostnames (a list, or separated by spaces), *.wildcards, or _ for any name."""
+    names = text(key, value).split() if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names:
+        raise fail(key, f"must be hostnames or _, not {value!r}")
+    checked = []
+    for item in names:
+        if not isinstance(item, str) or not (item == "_" or (HOSTNAME.match(item.lower()) and len(item) <= 253)):
+            raise fail(key, f"must be hostnames (letters, digits, '-', '.', a leading '*.') or _,"
+                            f" not {item!r}")
+        checked.append(item.lower())
+    if "_" in checked and len(checked) > 1:
+        raise fail(key, "_ (any name) cannot be listed with other names")
+    return tuple(checked)
+
+
+def listen(key: str, value: Any) -> tuple[Listen, ...]:
+    """Ports, or [v6addr]:port and v4addr:port; a single one or a list."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    found = []
+    for item in items:
+        spec = str(item).strip() if isinstance(item, (int, str)) and not isinstance(item, bool) else None
+        if spec and spec.isdigit():
+            found.append(Listen(integer(key, spec, 1, 65535)))
+            continue
+        address, sep, port = (spec or "").rpartition(":")
+        try:
+            if not sep or not port.isdigit():
+                raise ValueError
+            if address.startswith("["):
+                if not address.endswith("]"):
+                    raise ValueError
+                address = str(ipaddress.IPv6Address(address[1:-1]))
+            else:
+                address = str(ipaddress.IPv4Address(address))
+        except ValueError:
+            raise fail(key, f"must be a port, or [v6 address]:port or v4 address:port, not {item!r}") from None
+        found.append(Listen(integer(key, port, 1, 65535), address))
+    if not found:
+        raise fail(key, "must name at least one port")
+    return tuple(found)
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def bind(key: str, value: Any, loopback: bool) -> Bind:
+    try:
+        parsed = Bind.parse(text(key, value, allow_empty=False))
+    except ValueError:
+        raise fail(key, f"must be host:PORT, not {value!r}") from None
+    if parsed.is_unix:
+        raise fail(key, f"must be host:PORT (leave it unset for a unix socket per release), not {value!r}")
+    if not (parsed.host in ("0.0.0.0", "::", "localhost") or HOSTNAME.match(parsed.host) or is_ip(parsed.host)):
+        raise fail(key, f"must be an address or hostname and a port, not {value!r}")
+    if loopback and not parsed.loopback:
+        raise fail(key, f"must be a loopback host:PORT such as 127.0.0.1:8000, not {value!r}")
+    return parsed
+
+
+# -- putting it together ---------------------------------------------------------
+
+def project_name(project_dir: Path) -> str:
+    """The app's default name: the project's own, as pip would normalise it."""
+    from .project import project_name as read  # the project's metadata, however it is built
+    return re.sub(r"[-_.]+", "-", read(project_dir)).lower()
+
+
+def build(raw: dict, base_dir: Path, hosts: tuple = (), prefix: str = "") -> Settings:
+    """Validate one host's (or the invocation's) raw settings into Settings."""
+    try:
+        return checked(raw, base_dir, hosts, prefix)
+    except DeployError as exc:
+        if prefix:  # a host's own settings: name the host in the key
+            exc.what = exc.what.replace("'fabdeploy.", f"'fabdeploy.{prefix}", 1)
+        raise
+
+
+def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
+    raw, warnings = modernise(raw)
+    v = merge(DEFAULTS, raw)
+    project_dir = (base_dir / os.path.expanduser(v["project_dir"])).resolve()
+    app = name("app", v["app"] or project_name(project_dir))
+    s, p, pv = v["server"], v["proxy"], v["provision"]
+    kind = choice("server.kind", s["kind"], catalog.SERVERS)
+    asgi = boolean("server.asgi", s["asgi"])
+    if asgi and kind != "gunicorn":
+        raise DeployError(f"server.asgi: true runs under gunicorn with uvicorn workers, not {kind}",
+                          hint="set server.kind: gunicorn")
+    proxy_kind = choice("proxy.kind", p["kind"], catalog.PROXIES)
+    local = {k: (p[k] if p[k] is not None else PROXY_DEFAULTS[proxy_kind][k].format(app=app))
+             for k in ("site_path", "test_command", "reload_command", "pid_file")}
+    server = ServerSettings(
+        kind=kind,
+        workers=integer("server.workers", s["workers"], 1, 256),
+        worker_class=choice("server.worker_class", s["worker_class"] or ("uvicorn" if asgi else "sync"),
+                            catalog.WORKERS),
+        asgi=asgi,
+        bind=None if s["bind"] is None else bind("server.bind", s["bind"], loopback=True),
+        public_bind=bind("server.public_bind", s["public_bind"], loopback=False),
+        manager=None if s["manager"] is None else choice("server.manager", s["manager"], catalog.MANAGERS),
+        timeout=integer("server.timeout", s["timeout"], 1, 3600),
+        graceful_timeout=integer("server.graceful_timeout", s["graceful_timeout"], 1, 3600))
+    proxy = ProxySettings(
+        kind=proxy_kind,
+        listen=listen("proxy.listen", p["listen"]),
+        server_name=server_names("proxy.server_name", p["server_name"]),
+        site_path=path("proxy.site_path", local["site_path"], absolute=True) if local["site_path"] else "",
+        test_command=text("proxy.test_command", local["test_command"]),
+        reload_command=text("proxy.reload_command", local["reload_command"]),
+        pid_file=path("proxy.pid_file", local["pid_file"], absolute=True) if local["pid_file"] else "")
+    provision = ProvisionSettings(
+        user=name("provision.user", pv["user"], longest=32),
+        public_key=None if pv["public_key"] is None else text("provision.public_key", pv["public_key"]),
+        packages=listing("provision.packages", pv["packages"] or PROVISION_PACKAGES[proxy_kind],
+                         debian_package))
+    wsgi = text("wsgi", v["wsgi"] or f"{app.replace('-', '_')}:create_app()", allow_empty=False)
+    return Settings(
+        app=app, wsgi=wsgi,
+        deploy_to=deploy_to("deploy_to", v["deploy_to"] or f"/srv/{app}"),
+        keep_releases=integer("keep_releases", v["keep_releases"], 2, 1000),
+        init_command=words("init_command", v["init_command"]),
+        health_path=health_path("health_path", v["health_path"]),
+        health_timeout=seconds("health_timeout", v["health_timeout"]),
+        keep_previous_running=boolean("keep_previous_running", v["keep_previous_running"]),
+        python=path("python", v["python"]),
+        packages=listing("packages", v["packages"], requirement),
+        installer=choice("installer", v["installer"], catalog.INSTALLERS),
+        wheelhouse=boolean("wheelhouse", v["wheelhouse"]),
+        project_dir=str(project_dir),
+        output=choice("output", v["output"], ("text", "json")),
+        known_hosts=path("known_hosts", v["known_hosts"]),
+        server=server, proxy=proxy, provision=provision,
+        hosts=hosts, raw=raw, base_dir=base_dir,
+        warnings=tuple(prefix + w for w in warnings))
+
+
+def health_path(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not URL_PATH.match(value):
+        raise fail(key, f"must be a URL path such as /healthz (no spaces), not {value!r}")
+    return value
 
 
 def split_host(spec: str) -> tuple[str | None, str, int | None]:
@@ -149,69 +548,22 @@ class HostEntry:
 
     def matches(self, user: str | None, host: str, port: int | None) -> bool:
         e_user, e_host, e_port = split_host(self.spec)
-        return e_host == host and e_user in (None, user) and e_port in (None, port)
+        return e_host == host and e_user in (None, user) and e_port in (None, port, 22 if port is None else None)
 
 
-def host_entries(raw: list) -> list[HostEntry]:
+def host_entries(raw: list, base: dict, base_dir: Path) -> list[HostEntry]:
     entries = []
     for item in raw or []:
         if isinstance(item, str):
             entries.append(HostEntry(item, {}))
         elif isinstance(item, dict) and isinstance(item.get("host"), str):
             overrides = {k: v for k, v in item.items() if k != "host"}
-            merge(DEFAULTS, overrides, prefix=f"hosts[{item['host']}].")  # validate early
+            build(overlay(base, overrides), base_dir, prefix=f"hosts[{item['host']}].")  # validate now
             entries.append(HostEntry(item["host"], overrides))
         else:
             raise DeployError(f"each of fabdeploy.hosts must be 'user@host' or a mapping with "
                               f"a 'host' key, not {item!r}", hint="fix fabric.yaml")
     return entries
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Resolved settings for one invocation: every value known but the host's."""
-
-    values: dict
-    hosts: tuple = ()        # HostEntry for each configured host
-    raw: dict | None = None  # what the user gave, for per-host overrides
-    base_dir: Path | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
-
-    def for_host(self, user: str | None, host: str, port: int | None) -> "Settings":
-        """These settings with the host's own overrides, if `hosts` gives any."""
-        entry = next((e for e in self.hosts if e.matches(user, host, port)), None)
-        if entry is None or not entry.overrides:
-            return self
-        return Settings(derive(overlay(self.raw, entry.overrides), self.base_dir),
-                        self.hosts, self.raw, self.base_dir)
-
-    def __post_init__(self):
-        from .servers import check  # servers reads Settings: import late
-        check(self)
-
-    @property
-    def app(self) -> str:
-        return self.values["app"]
-
-    @property
-    def import_name(self) -> str:
-        return self.values["app"].replace("-", "_")
-
-    @property
-    def gunicorn(self) -> dict:
-        return self.values["gunicorn"]
-
-    @property
-    def nginx(self) -> dict:
-        return self.values["nginx"]
-
-    @property
-    def proxy(self) -> dict | None:
-        """The chosen proxy's settings (listen, site_path, commands); None for proxy: none."""
-        kind = self.values["proxy"]
-        return None if kind == "none" else self.values[kind]
 
 
 def resolve(given: dict, base_dir: Path, stage: str | None = None) -> Settings:
@@ -223,6 +575,8 @@ def resolve(given: dict, base_dir: Path, stage: str | None = None) -> Settings:
     raw = plain(given or {})
     stages = raw.pop("stages", {}) or {}
     hosts = raw.pop("hosts", []) or []
+    if not isinstance(stages, dict):
+        raise fail("stages", "must be a mapping of stage names")
     if stage:
         if stage not in stages:
             close = difflib.get_close_matches(stage, list(stages), n=1)
@@ -231,37 +585,12 @@ def resolve(given: dict, base_dir: Path, stage: str | None = None) -> Settings:
         chosen = dict(stages[stage])
         hosts = chosen.pop("hosts", hosts)
         raw = overlay(raw, chosen)
-    return Settings(derive(raw, base_dir), tuple(host_entries(hosts)), raw, base_dir)
+    entries = tuple(host_entries(hosts, raw, base_dir))
+    return build(raw, base_dir, entries)
 
 
-def derive(raw: dict, base_dir: Path) -> dict:
-    values = merge(DEFAULTS, raw)
-    project_dir = (base_dir / os.path.expanduser(values["project_dir"])).resolve()
-    values["project_dir"] = str(project_dir)
-    if not values["app"]:
-        values["app"] = project_name(project_dir)
-    app = values["app"]
-    import_name = app.replace("-", "_")
-    values["wsgi"] = values["wsgi"] or f"{import_name}:create_app()"
-    values["deploy_to"] = (values["deploy_to"] or f"/srv/{app}").rstrip("/")
-    if not (values["deploy_to"].startswith("/") or values["deploy_to"].startswith("~/")):
-        raise DeployError(f"deploy_to must be absolute or start with ~/, not {values['deploy_to']!r}",
-                          hint="fix fabdeploy.deploy_to")
-    values["nginx"]["site_path"] = (values["nginx"]["site_path"]
-                                    or f"/etc/nginx/sites-enabled/{app}.conf")
-    values["apache"]["site_path"] = (values["apache"]["site_path"]
-                                     or f"/etc/apache2/sites-enabled/{app}.conf")
-    if values["proxy"] not in PROXIES:
-        raise DeployError(f"proxy must be one of {', '.join(PROXIES)}, not {values['proxy']!r}",
-                          hint="fix fabdeploy.proxy")
-    manager = values["gunicorn"]["manager"]
-    if manager is not None and manager not in MANAGERS:
-        raise DeployError(f"gunicorn.manager must be one of {', '.join(MANAGERS)}, not {manager!r}",
-                          hint="fix fabric.yaml")
-    if values["installer"] not in INSTALLERS:
-        raise DeployError(f"installer must be one of {', '.join(INSTALLERS)}, not {values['installer']!r}",
-                          hint="fix fabdeploy.installer")
-    if int(values["keep_releases"]) < 2:
-        raise DeployError("keep_releases must be at least 2, so rollback has a target",
-                          hint="fix fabdeploy.keep_releases")
-    return values
+def warn(settings: Settings, stream=None) -> None:
+    """Each deprecation once, on stderr: the old name works in this version only."""
+    for line in dict.fromkeys(settings.warnings):
+        print(f"fabdeploy: warning: fabric.yaml: {line} (the old name works in this version only)",
+              file=stream or sys.stderr, flush=True)
