@@ -1,24 +1,145 @@
-"""Runs on the server, stdlib only: read the host's facts, probe health.
+"""Runs on the server, stdlib only: fabdeploy's persistent agent, one per host and connection.
 
-fabdeploy sends this file's text with `python3 -c`, so nothing has to be
-installed or uploaded before the first command. Keep it small, and keep it
-free of imports from fabdeploy.
+The client starts it once over a single SSH channel (see session.py: a small
+bootstrap reads this file's text from the channel, or from a copy cached by
+hash, never from the command line) and then speaks JSON lines with it:
+
+  client -> agent   {"id": 1, "phases": [{"name": "venv", "ops": [...]}, ...]}
+                    followed by the bytes of each upload op, in order;
+                    {"control": "cancel"} at any time.
+  agent -> client   {"id": 1, "phase": "venv", "seconds": 0.41}  after each phase
+                    {"id": 1, "out": "..."}                       a streamed op's output
+                    {"id": 1, "ok": true, "results": {...}}       or
+                    {"id": 1, "ok": false, "phase": ..., "index": i, "error": {...}}
+
+The client decides every command and file; the agent only carries them
+out on the host, phase by phase, and stops at the first failure. A request
+marked interruptible stops between phases once the client is gone (kill -9,
+a dropped connection) or cancels; one that is not (the switch) runs to its
+end, so a host is never left half switched by a client that died.
+
+Keep it free of imports from fabdeploy: it runs with the server's Python.
 """
-import argparse
 import errno
 import json
 import os
+import select
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 
+try:
+    from .hostlib import Failed, read_pid, reload_nginx, run_shell, stat_fields
+except ImportError:  # on the host: hostlib's text comes first in this file (onhost.program)
+    pass
+
+NEXT = "_next"    # the preview's upstream suffix and stamp (render.NEXT is this one)
+HELPER = "/usr/local/lib/fabdeploy/helper"
+STATE_DIR = ".fabdeploy"
+
+
+class Stopped(Exception):
+    """The client cancelled, or is gone: stop before the next phase."""
+
+
+# -- the channel --------------------------------------------------------------------
+
+class Inbox:
+    """The channel's stdin: request lines, upload bytes, and control lines between them."""
+
+    def __init__(self, fd=0, pending=b""):
+        self.fd = fd
+        self.buf = pending
+        self.eof = False
+        self.cancelled = False
+        self.blobs = 0  # upload bytes of the running request still to come: no lines among them
+
+    def _fill(self, block):
+        if self.eof:
+            return False
+        if not block and not select.select([self.fd], [], [], 0)[0]:
+            return False
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def line(self):
+        """The next line that is not a control line, or None at the end."""
+        while True:
+            while b"\n" not in self.buf:
+                if not self._fill(True):
+                    return None
+            line, _, self.buf = self.buf.partition(b"\n")
+            if not self._control(line):
+                return line
+
+    def _control(self, line):
+        if line.startswith(b'{"control"'):
+            self.cancelled = self.cancelled or json.loads(line).get("control") == "cancel"
+            return True
+        return False
+
+    def copy(self, size, out):
+        """size bytes of an upload into the file object out (None: read and drop them)."""
+        while size > 0:
+            if not self.buf and not self._fill(True):
+                raise Stopped("the client went away during an upload")
+            chunk, self.buf = self.buf[:size], self.buf[size:]
+            if out is not None:
+                out.write(chunk)
+            size -= len(chunk)
+            self.blobs -= len(chunk)
+
+    def poll(self):
+        """Between phases: take in what has arrived; True if the client cancelled or is gone."""
+        while self._fill(False):
+            pass
+        while not self.blobs and b"\n" in self.buf:  # control lines at the front only: after them may come a request
+            line, _, rest = self.buf.partition(b"\n")
+            if not self._control(line):
+                break
+            self.buf = rest
+        return self.cancelled or self.eof
+
+
+class Outbox:
+    """The channel's stdout: one JSON line per event; a gone client is noted, not fatal."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.gone = False
+
+    def send(self, message):
+        if self.gone:
+            return
+        try:
+            self.stream.write(json.dumps(message).encode() + b"\n")
+            self.stream.flush()
+        except (BrokenPipeError, OSError):
+            self.gone = True
+
+
+# -- facts -----------------------------------------------------------------------------
 
 def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
+        return None
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
         return None
 
 
@@ -41,15 +162,6 @@ def lock_facts(lock_dir):
     return info
 
 
-def current_bind(root):
-    """Where the current release's server listens (its BIND file, see phases.configure_server)."""
-    try:
-        with open(os.path.join(root, "current", "BIND")) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
 def find_uv():
     """uv on PATH or in ~/.local/bin (the one fabdeploy ships lives in the wheelhouse)."""
     for path in (shutil.which("uv"), os.path.expanduser("~/.local/bin/uv")):
@@ -65,95 +177,163 @@ def glibc():
         return None
 
 
-def venv_ok():
-    """Debian splits venv's ensurepip out into python3-venv."""
+def venv_ok(python):
+    """Debian splits venv's ensurepip out into python3-venv: ask the Python that makes venvs."""
+    if python in (None, "", sys.executable):
+        try:
+            import ensurepip  # noqa: F401
+            import venv  # noqa: F401
+        except ImportError:
+            return False
+        return True
     try:
-        import ensurepip  # noqa: F401
-        import venv  # noqa: F401
-    except ImportError:
+        return subprocess.run([python, "-c", "import ensurepip, venv"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    except OSError:
         return False
-    return True
 
 
-def read_facts(root):
+def sha256_of(path):
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def units(app, state):
+    """The app's release units in a systemd state (active, failed), by name."""
+    if not app or not os.path.isdir("/run/systemd/system"):
+        return []
+    try:
+        out = subprocess.run(["systemctl", "list-units", "--plain", "--no-legend", "--all",
+                              "--state=" + state, app + "@*.service"], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def link_name(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def read_facts(args):
+    root = os.path.expanduser(args["root"])
     releases_dir = os.path.join(root, "releases")
-    state_dir = os.path.join(root, ".fabdeploy")
+    state_dir = os.path.join(root, STATE_DIR)
+    run_dir = os.path.join(root, "shared", "run")
     releases = []
     if os.path.isdir(releases_dir):
         for name in sorted(os.listdir(releases_dir)):
             path = os.path.join(releases_dir, name)
             if name.startswith(".") or not os.path.isdir(path):
                 continue
-            releases.append({"name": name, "state": release_state(path),
+            bind = (read_text(os.path.join(path, "BIND")) or "").strip() or None
+            releases.append({"name": name, "state": release_state(path), "bind": bind,
                              "meta": read_json(os.path.join(path, "RELEASE.json")) or {}})
-    current = None
-    if os.path.islink(os.path.join(root, "current")):
-        current = os.path.basename(os.readlink(os.path.join(root, "current")))
+    current = link_name(os.path.join(root, "current"))
+    live = link_name(os.path.join(run_dir, "live.sock"))
     house = os.path.join(root, "shared", "wheelhouse")
+    registration = None
+    if args.get("registration"):
+        values = read_json(args["registration"])
+        if values is not None:
+            registration = {"values": values, "path": args["registration"]}
+    site = args.get("site_path")
+    app = args.get("app")
     return {
         "home": os.path.expanduser("~"),
         "user": os.environ.get("USER") or os.environ.get("LOGNAME"),
         "uid": os.getuid(),
         "root": root,
         "root_exists": os.path.isdir(root),
-        "current": current,
-        "current_bind": current_bind(root),
+        "current": os.path.basename(current) if current else None,
+        "live_target": os.path.basename(live)[:-len(".sock")] if live and live.endswith(".sock") else None,
         "releases": releases,
         "initialized": os.path.exists(os.path.join(state_dir, "initialized")),
         "config_exists": os.path.exists(os.path.join(root, "shared", "instance", "config.py")),
         # A new preview token, which nginx knows only after a reload (see make_preview_map).
         "preview_unloaded": os.path.exists(os.path.join(state_dir, "preview.unloaded")),
         "lock": lock_facts(os.path.join(state_dir, "lock")),
-        "venv_ok": venv_ok(),
+        "venv_ok": venv_ok(args.get("python")),
         "systemd": os.path.isdir("/run/systemd/system"),
         "uv": find_uv(),
-
         "python": "%d.%d" % sys.version_info[:2],
         "machine": os.uname().machine,
         "glibc": glibc(),
         "wheelhouse": sorted(os.listdir(house)) if os.path.isdir(house) else [],
+        "registration": registration,
+        "site_sha256": sha256_of(site) if site and not registration else None,
+        "ipv6": os.path.exists("/proc/net/if_inet6"),
+        "failed_units": units(app, "failed"),
+        "active_units": units(app, "active"),
     }
 
 
 def problems(info, args):
     """What stops a deploy before anything changes (fabdeploy words them)."""
     found = []
-    if args.refuse_root and info["uid"] == 0:
+    if args.get("refuse_root") and info["uid"] == 0:
         found.append("root")
     sbin = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    if args.needs and not shutil.which(args.needs, path=sbin):
-        found.append("no-" + args.needs)
+    needs = args.get("needs")
+    if needs and not shutil.which(needs["program"], path=sbin):
+        found.append(needs["problem"])
     if not info["venv_ok"]:
         found.append("no-venv")
+    if args.get("require_registration") and not info["registration"]:
+        site = args.get("site_path")
+        if not (site and os.access(os.path.dirname(site) or "/", os.W_OK)):
+            found.append("not-provisioned")
     return found
 
 
-def make_root(root):
-    """deploy_to and its directories; sudo only where the parent is not ours."""
+def op_facts(args, ctx):
+    info = read_facts(args)
+    info["problems"] = problems(info, args)
+    return info
+
+
+# -- laying out and locking --------------------------------------------------------------
+
+LAYOUT = {  # under deploy_to: directory -> mode
+    "releases": 0o755, "shared": 0o755, "shared/run": 0o755, "shared/log": 0o750,
+    "shared/wheelhouse": 0o755, "shared/instance": 0o700, "shared/backups": 0o700,
+    STATE_DIR: 0o700,
+}
+
+
+def make_root(root, preview):
+    """deploy_to and its directories. A provisioned host's deploy_to is made by provision."""
     if not os.path.isdir(root):
         try:
-            os.makedirs(root, exist_ok=True)  # a racing deploy may make it first: the lock decides
-        except PermissionError:
-            owner = "%d:%d" % (os.getuid(), os.getgid())
-            for argv in (["sudo", "-n", "mkdir", "-p", root], ["sudo", "-n", "chown", owner, root]):
-                import subprocess
-                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-                if done.returncode:
-                    raise OSError("%s: %s" % (" ".join(argv), done.stderr.strip()))
-    for sub in ("releases", "shared/run", "shared/log", "shared/wheelhouse", ".fabdeploy"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    instance = os.path.join(root, "shared", "instance")
-    os.makedirs(instance, exist_ok=True)
-    os.chmod(instance, 0o700)
-    make_preview_map(os.path.join(root, ".fabdeploy", "preview.map"))
+            os.makedirs(root, mode=0o750, exist_ok=True)  # a racing deploy may make it first
+        except OSError as exc:
+            raise OSError("%s does not exist and cannot be created (%s)" % (root, exc.strerror))
+    for sub, mode in sorted(LAYOUT.items()):
+        path = os.path.join(root, sub)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+        have = os.stat(path).st_mode & 0o7777
+        if have & ~mode:  # tighten a private directory; never open one up
+            os.chmod(path, have & mode)
+    if preview:
+        make_preview_map(os.path.join(root, STATE_DIR, "preview.map"))
 
 
 def make_preview_map(path):
     """The nginx map line that routes requests with this host's token to the preview.
 
-    Made once, here, 0600: the token never leaves the server (nginx's master
-    reads the file as root; the agent reads it to send the token). nginx
-    reads it at a reload: until one has happened, preview.unloaded says so.
+    Made once, here, 0600, where the proxy is the deploy user's own (a
+    provisioned host's token is root's: provision makes it). nginx reads it
+    at a reload: until one has happened, preview.unloaded says so.
     """
     if os.path.exists(path):
         return
@@ -162,13 +342,8 @@ def make_preview_map(path):
     tmp = "%s.%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write('"%s" _next;\n' % secrets.token_hex(16))  # _next: render.NEXT
+        f.write('"%s" %s;\n' % (secrets.token_hex(16), NEXT))
     os.rename(tmp, path)
-
-
-def preview_token(path):
-    with open(path) as f:
-        return f.read().split('"')[1]
 
 
 def take_lock(root, info_json):
@@ -177,7 +352,7 @@ def take_lock(root, info_json):
     The info is written into a private directory first, then renamed to the
     lock's name: rename(2) is atomic, and fails if the lock already exists.
     """
-    lock = os.path.join(root, ".fabdeploy", "lock")
+    lock = os.path.join(root, STATE_DIR, "lock")
     mine = "%s.%d" % (lock, os.getpid())
     os.mkdir(mine)
     with open(os.path.join(mine, "info.json"), "w") as f:
@@ -192,26 +367,243 @@ def take_lock(root, info_json):
     return True
 
 
-def facts(args):
-    """Print the host's facts; with --lock, also lay out, lock, and read them afresh."""
-    root = os.path.expanduser(args.root)
-    info = read_facts(root)
-    info["problems"] = problems(info, args)
-    if args.lock is not None and args.only_laid_out and not info["root_exists"]:
+def op_lock(args, ctx):
+    """The host's facts; then lay out deploy_to, take the lock and read them afresh."""
+    root = os.path.expanduser(args["root"])
+    info = op_facts(args, ctx)
+    if args.get("only_laid_out") and not info["root_exists"]:
         info["deferred"] = True  # a fresh host: nothing is made there yet
-    elif args.lock is not None and not info["problems"]:
-        try:
-            make_root(root)
-            locked = take_lock(root, args.lock)
-        except OSError as exc:
-            info["lock_error"] = str(exc)
-        else:
-            info = read_facts(root) if locked else info
-            info.update(locked=locked, problems=[])
-            if not locked:
-                info["lock"] = lock_facts(os.path.join(root, ".fabdeploy", "lock"))
-    print(json.dumps(info))
+        return info
+    if info["problems"]:
+        return info
+    try:
+        make_root(root, args.get("preview") and not info["registration"])  # else root made it
+        locked = take_lock(root, json.dumps(args["info"]))
+    except OSError as exc:
+        info["lock_error"] = str(exc)
+        return info
+    if locked:
+        info = op_facts(args, ctx)
+        info["locked"] = True
+    else:
+        info["lock"] = lock_facts(os.path.join(root, STATE_DIR, "lock"))
+    return info
 
+
+def op_unlock(args, ctx):
+    shutil.rmtree(os.path.join(os.path.expanduser(args["root"]), STATE_DIR, "lock"), ignore_errors=True)
+
+
+# -- files ------------------------------------------------------------------------------------
+
+def temporary(path):
+    return os.path.join(os.path.dirname(path), ".%s.%d" % (os.path.basename(path), os.getpid()))
+
+
+def op_write(args, ctx):
+    """A file written aside and renamed into place; a secret is 0600 from the instant it exists."""
+    path = args["path"]
+    tmp = temporary(path)
+    mode = int(args.get("mode", 0o644))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if args.get("secret") else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(args["text"].encode())
+        os.rename(tmp, path)
+    except BaseException:
+        with_quiet(os.unlink, tmp)
+        raise
+
+
+def op_upload(args, ctx):
+    """A file whose bytes follow the request, written straight to its path as they come."""
+    path = args["path"]
+    target = temporary(path) if args.get("atomic") else path
+    with open(target, "wb") as f:
+        ctx.inbox.copy(args["size"], f)
+    if args.get("atomic"):
+        os.rename(target, path)
+
+
+def op_install(args, ctx):
+    """A root-owned file (provision): written aside, checked, renamed in; put back if its test fails."""
+    path, text = args["path"], args["text"]
+    old = read_text(path)
+    if old == text and (os.stat(path).st_mode & 0o7777) == args["mode"]:
+        return "unchanged"
+    tmp = temporary(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if args.get("group"):
+                import grp
+                os.fchown(f.fileno(), 0, grp.getgrnam(args["group"]).gr_gid)
+            os.fchmod(f.fileno(), args["mode"])
+        if args.get("validate"):
+            run_shell(args["validate"].replace("{}", tmp))
+        os.rename(tmp, path)
+    except BaseException:
+        with_quiet(os.unlink, tmp)
+        raise
+    if args.get("test"):
+        try:
+            run_shell(args["test"])
+        except Failed:
+            if old is None:
+                with_quiet(os.unlink, path)
+            else:
+                with open(tmp, "w") as f:
+                    f.write(old)
+                os.rename(tmp, path)
+            raise
+    if args.get("after"):
+        run_shell(args["after"])
+    return "changed"
+
+
+def op_read(args, ctx):
+    return read_text(args["path"])
+
+
+def op_mkdir(args, ctx):
+    os.makedirs(args["path"], exist_ok=True)
+
+
+def op_link(args, ctx):
+    """Atomic: a symlink under a temporary name, renamed over the link."""
+    tmp = args.get("tmp") or args["link"] + ".tmp"
+    with_quiet(os.unlink, tmp)
+    os.symlink(args["target"], tmp)
+    os.rename(tmp, args["link"])
+
+
+def op_remove(args, ctx):
+    for path in args["paths"]:
+        with_quiet(os.unlink, path)
+
+
+def op_tail(args, ctx):
+    """The last lines of a file (since the last `marker` line, when one is given)."""
+    return tail(args["path"], args.get("lines", 30), args.get("marker"))
+
+
+def tail(path, lines, marker=None):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    if marker and marker + "\n" in text:
+        text = text.rsplit(marker + "\n", 1)[1]
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def with_quiet(fn, *args):
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def op_trash(args, ctx):
+    """Releases leave releases/ at once, renamed into the trash; a background rm deletes them."""
+    trash = args["trash"]
+    os.makedirs(trash, exist_ok=True)
+    import tempfile
+    bin_dir = tempfile.mkdtemp(dir=trash)
+    for path in args["releases"]:
+        if os.path.lexists(path):
+            os.rename(path, os.path.join(bin_dir, os.path.basename(path)))
+    subprocess.Popen(["rm", "-rf", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def op_audit(args, ctx):
+    """One JSON line: through the root helper where provision made the log root's, else appended here."""
+    line = json.dumps(args["entry"], sort_keys=True)
+    if args.get("helper"):
+        run_helper(args["app"], ["audit"], stdin=line + "\n")
+        return
+    with open(args["path"], "a") as f:
+        f.write(line + "\n")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+def op_sh(args, ctx):
+    """A shell command; its output is returned (and streamed, with stream)."""
+    env = dict(os.environ)
+    env.update(args.get("env") or {})
+    for name in args.get("unset") or []:
+        env.pop(name, None)
+    proc = subprocess.Popen(["/bin/sh", "-c", args["cmd"]], cwd=args.get("cwd"), env=env,
+                            stdin=subprocess.PIPE if args.get("stdin") is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    out, err = communicate(proc, args, ctx)
+    if proc.returncode and args.get("check", True):
+        raise Failed("exit %d" % proc.returncode, proc.returncode, out, err)
+    return {"exit": proc.returncode, "stdout": out, "stderr": err}
+
+
+def communicate(proc, args, ctx):
+    """Both streams as they come; a cancel stops an interruptible command (its process group)."""
+    if args.get("stdin") is not None:
+        try:
+            proc.stdin.write(args["stdin"].encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    streams = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
+    open_fds = set(streams)
+    poller = select.poll()
+    for fd in open_fds:
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+    while open_fds:
+        for fd, _ in poller.poll(200):
+            data = os.read(fd, 1 << 16)
+            if not data:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                continue
+            streams[fd].append(data)
+            if args.get("stream"):
+                ctx.out.send({"id": ctx.request, "out": data.decode(errors="replace")})
+        if ctx.interruptible and args.get("interruptible", True) and ctx.inbox.poll() and ctx.inbox.cancelled:
+            with_quiet(os.killpg, proc.pid, signal.SIGTERM)
+    proc.wait()
+    return (b"".join(streams[proc.stdout.fileno()]).decode(errors="replace"),
+            b"".join(streams[proc.stderr.fileno()]).decode(errors="replace"))
+
+
+def run_helper(app, argv, stdin=None):
+    """fabdeploy's root helper, the one program provision lets the deploy user run with sudo."""
+    proc = subprocess.run(["sudo", "-n", HELPER, app] + list(argv), input=stdin, text=True,
+                          capture_output=True,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
+    if proc.returncode:
+        raise Failed("exit %d" % proc.returncode, proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def op_helper(args, ctx):
+    out = run_helper(args["app"], args["argv"], args.get("stdin"))
+    return out
+
+
+def op_compile(args, ctx):
+    """Byte-compile a release's venv with its own Python, which runs this file's `compile`."""
+    argv = [args["python"], ctx.source, "compile"] + (["--like", args["like"]] if args.get("like") else [])
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode:
+        raise Failed("exit %d" % proc.returncode, proc.returncode, proc.stdout, proc.stderr)
+    return json.loads(proc.stdout or "{}")
+
+
+# -- health ---------------------------------------------------------------------------------------
 
 def unix_connection(path, timeout):
     import http.client
@@ -225,26 +617,36 @@ def unix_connection(path, timeout):
     return UnixHTTPConnection("localhost", timeout=timeout)
 
 
+class Final(Exception):
+    """An answer that settles the check: do not retry."""
+
+
+def preview_token(path):
+    with open(path) as f:
+        return f.read().split('"')[1]
+
+
 def get_status(args):
     """One GET of the health path; the status code, or an error string."""
     import http.client  # here: only health checks pay for importing it
-    if args.unix:
-        conn = unix_connection(args.unix, timeout=5)
+    target = args["target"]
+    if target.startswith("unix:"):
+        conn = unix_connection(target[len("unix:"):], timeout=5)
     else:
-        host, _, port = args.tcp.rpartition(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        host, _, port = target.rpartition(":")
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=5)
     try:
-        headers = {"Host": args.host_header}
-        if args.preview_map:
-            headers["X-Fabdeploy-Preview"] = preview_token(args.preview_map)
-        conn.request("GET", args.path, headers=headers)
+        headers = {"Host": args.get("host_header") or "localhost"}
+        if args.get("preview_map"):
+            headers["X-Fabdeploy-Preview"] = preview_token(args["preview_map"])
+        conn.request("GET", args["path"], headers=headers)
         response = conn.getresponse()
         served = response.getheader("X-Fabdeploy-Site")
-        if args.stamp and served != args.stamp:
-            return "X-Fabdeploy-Site is %r, not %r" % (served, args.stamp)
-        if args.stamp and not 200 <= response.status < 300:
-            # It is our site and our release answering: no point asking again.
-            raise Final(response.status)
+        stamp = args.get("stamp")
+        if stamp and served != stamp:
+            return "X-Fabdeploy-Site is %r, not %r" % (served, stamp)
+        if stamp and not 200 <= response.status < 300:
+            raise Final(response.status)  # our site and our release answering: settled
         return response.status
     except (OSError, http.client.HTTPException) as exc:
         return "%s: %s" % (type(exc).__name__, exc)
@@ -252,48 +654,24 @@ def get_status(args):
         conn.close()
 
 
-class Final(Exception):
-    """An answer that settles the check: do not retry."""
-
-
-def read_pid(path):
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def stat_fields(pid):
-    """/proc/PID/stat after the command's name (state, ppid, ...); None if there is no such process."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def server_gone(args, started):
     """True when the server we wait for has died: no point waiting further."""
-    if args.pid_file:
-        if not os.path.exists(args.pid_file):
-            # gunicorn writes it first thing, and removes it when it exits.
-            return time.monotonic() - started > 10
-        pid = read_pid(args.pid_file)
+    if args.get("pid_file"):
+        if not os.path.exists(args["pid_file"]):
+            return time.monotonic() - started > 10  # the serve script writes it first thing
+        pid = read_pid(args["pid_file"])
         fields = stat_fields(pid) if pid else None
-        # A dead daemon may linger as a zombie until init reaps it.
-        return not fields or fields[0] == "Z"
-    if args.unit:
-        import subprocess
-        state = subprocess.run(["systemctl", "is-failed", "--quiet", args.unit])
+        return not fields or fields[0] == "Z"  # a dead daemon may linger as a zombie
+    if args.get("unit"):
+        state = subprocess.run(["systemctl", "is-failed", "--quiet", args["unit"]])
         return state.returncode == 0
     return False
 
 
-def health(args):
-    """Poll until the path answers 2xx; exit 1 with the last answer if not."""
+def op_health(args, ctx):
+    """Poll until the path answers 2xx; fail with the last answer (and the app's log) if not."""
     started = time.monotonic()
-    deadline = started + args.timeout
+    deadline = started + float(args["timeout"])
     last = "no answer"
     while True:
         try:
@@ -302,64 +680,136 @@ def health(args):
             last = "the release answered %s" % answer
             break
         if isinstance(last, int) and 200 <= last < 300:
-            print("ok %d" % last)
-            return 0
+            return "ok %d" % last
         if server_gone(args, started):
             last = "the server exited (last answer: %s)" % last
             break
         if time.monotonic() > deadline:
             break
+        if ctx.interruptible and ctx.inbox.poll() and ctx.inbox.cancelled:
+            raise Stopped("cancelled")
         time.sleep(0.02)  # a server comes up between polls: the deploy waits for the next
-    print("unhealthy: %s" % last)
-    return 1
+    log = tail(args["log"], 400, args.get("marker")) if args.get("log") else ""
+    raise Failed("unhealthy: %s" % last, 1, log=log, unhealthy=last)
 
 
-STALE_PROXY = 91  # exit status of reload_proxy when the old configuration keeps serving
+# -- reloading nginx ----------------------------------------------------------------------------
+
+def op_reload(args, ctx):
+    reload_nginx(args["run"], args.get("pid_file"), float(args.get("timeout", 10)))
 
 
-def accepting_worker(pid, master):
-    """True while `pid` is a worker of nginx's `master` that still takes new connections.
+def op_site(args, ctx):
+    """A proxy site the deploy user runs itself: install, test (the old one back on failure), reload."""
+    site, text = args["path"], args["text"]
+    old = read_text(site)
+    op_write({"path": site, "text": text, "mode": 0o644}, ctx)
+    test = subprocess.run(args["test"], shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if test.returncode:
+        if old is None:
+            with_quiet(os.unlink, site)
+        else:
+            op_write({"path": site, "text": old, "mode": 0o644}, ctx)
+        raise Failed("rejected", test.returncode, test.stdout, test.stderr, rejected=True)
+    if args.get("reload_nginx"):
+        reload_nginx(args["reload"], args.get("pid_file"), 10)
+    else:
+        run_shell(args["reload"])
 
-    An nginx worker told to quit renames itself "worker process is shutting
-    down" and, in the same step, closes its listening sockets.
-    """
-    fields = stat_fields(pid)
-    if not fields or int(fields[1]) != master:
-        return False
+
+OPS = {"facts": op_facts, "lock": op_lock, "unlock": op_unlock, "write": op_write, "upload": op_upload,
+       "read": op_read, "install": op_install, "mkdir": op_mkdir, "link": op_link, "remove": op_remove, "tail": op_tail,
+       "trash": op_trash, "audit": op_audit, "sh": op_sh, "helper": op_helper, "compile": op_compile,
+       "health": op_health, "reload": op_reload, "site": op_site}
+
+
+# -- serving requests -----------------------------------------------------------------------------
+
+class Context:
+    """What an op may use of the session: the channel, and the request it belongs to."""
+
+    def __init__(self, inbox, out, source):
+        self.inbox = inbox
+        self.out = out
+        self.source = source
+        self.request = None
+        self.interruptible = True
+
+
+def disk_full(root):
     try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().replace(b"\0", b" ").strip() == b"nginx: worker process"
+        fs = os.statvfs(root)
     except OSError:
         return False
+    return fs.f_bavail * fs.f_frsize < 4 << 20
 
 
-def reload_proxy(args):
-    """Run the reload command; for nginx, then wait until its old workers take no more connections.
+def drain(ops, inbox):
+    """Read and drop the bytes of uploads that will not run, so the next request parses."""
+    for op in ops:
+        if op.get("op") == "upload":
+            inbox.copy(op["size"], None)
 
-    nginx's master starts the new workers first and tells the old ones to
-    quit about 100 ms later: meanwhile both accept connections, so a new
-    connection may still meet the old configuration after one has met the
-    new. The reload is done only when every worker from before it has
-    stopped accepting. (Without nginx's pid file there is nothing to wait for.)
-    """
-    import subprocess
-    master = read_pid(args.pid_file) if args.pid_file else None
-    old = set()
-    if master:
-        old = set(int(n) for n in os.listdir("/proc") if n.isdigit() and accepting_worker(int(n), master))
-    code = subprocess.call(args.run, shell=True)
-    if code:
-        return code
-    deadline = time.monotonic() + args.timeout
-    while True:
-        old = set(pid for pid in old if accepting_worker(pid, master))
-        if not old:
+
+def handle(request, ctx):
+    """Run a request's phases in order; stop at the first failure, or when told to stop."""
+    ctx.request = request.get("id")
+    ctx.interruptible = request.get("interruptible", True)
+    ctx.inbox.blobs = sum(op["size"] for phase in request.get("phases", []) for op in phase["ops"]
+                          if op.get("op") == "upload")
+    results = {}
+    phases = request.get("phases", [])
+    for p, phase in enumerate(phases):
+        if p and ctx.interruptible and ctx.inbox.poll():
+            drain([op for later in phases[p:] for op in later["ops"]], ctx.inbox)
+            return {"ok": False, "phase": phase["name"], "index": -1, "stopped": True,
+                    "error": {"message": "cancelled" if ctx.inbox.cancelled else "the client went away"}}
+        started = time.monotonic()
+        ops = phase["ops"]
+        for i, op in enumerate(ops):
+            try:
+                value = OPS[op["op"]](op, ctx)
+            except (Failed, Stopped, OSError, ValueError, KeyError) as exc:
+                drain(ops[i + 1:] + [o for later in phases[p + 1:] for o in later["ops"]], ctx.inbox)
+                if isinstance(exc, Failed):
+                    error = exc.info
+                elif isinstance(exc, Stopped):
+                    error = {"message": str(exc)}
+                elif isinstance(exc, OSError) and exc.errno:
+                    error = {"message": "[Errno %d] %s" % (exc.errno, exc.strerror)}
+                else:
+                    error = {"message": "%s: %s" % (type(exc).__name__, exc)}
+                error["disk_full"] = bool(request.get("root")) and disk_full(request["root"])
+                ctx.out.send({"id": ctx.request, "phase": phase["name"],
+                              "seconds": round(time.monotonic() - started, 3)})
+                return {"ok": False, "phase": phase["name"], "index": i, "error": error,
+                        "stopped": isinstance(exc, Stopped), "results": results}
+            if op.get("key"):
+                results[op["key"]] = value
+        ctx.out.send({"id": ctx.request, "phase": phase["name"],
+                      "seconds": round(time.monotonic() - started, 3)})
+    return {"ok": True, "results": results}
+
+
+def serve(first=b"", source=None):
+    """The session: requests until the client closes the channel."""
+    inbox = Inbox(0, first)
+    out = Outbox(sys.stdout.buffer)
+    ctx = Context(inbox, out, source)
+    out.send({"ready": True, "pid": os.getpid()})
+    while not out.gone:
+        line = inbox.line()
+        if line is None:
             return 0
-        if time.monotonic() > deadline:
-            print("its workers from before the reload still take connections after %gs" % args.timeout)
-            return STALE_PROXY
-        time.sleep(0.01)
+        request = json.loads(line)
+        reply = handle(request, ctx)
+        reply["id"] = request.get("id")
+        out.send(reply)
+        inbox.cancelled = False  # a cancel ends one request
+    return 0
 
+
+# -- byte-compiling, run by a release venv's own Python -------------------------------------------
 
 def same_content(a, b):
     """Files with the same bytes (hard links of one file in uv's cache, most often)."""
@@ -375,7 +825,7 @@ def same_content(a, b):
         return False
 
 
-def compile_venv(args):
+def compile_venv(like):
     """Bytecode for every module of this (the release's) venv, made before it runs.
 
     A release's server cannot write __pycache__ under systemd's
@@ -388,7 +838,7 @@ def compile_venv(args):
     import py_compile
     import sysconfig
     site = sysconfig.get_paths()["purelib"]
-    like = os.path.join(args.like, os.path.relpath(site, sys.prefix)) if args.like else None
+    like = os.path.join(like, os.path.relpath(site, sys.prefix)) if like else None
     counts = {"linked": 0, "compiled": 0}
     for folder, dirs, files in os.walk(site):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
@@ -419,40 +869,9 @@ def compile_venv(args):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="fabdeploy-agent")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("facts")
-    p.add_argument("--root", required=True)
-    p.add_argument("--lock", help="take the deploy lock, recording this JSON in it")
-    p.add_argument("--only-laid-out", action="store_true",
-                   help="with --lock: lock only where deploy_to exists already")
-    p.add_argument("--needs", help="a program the host must have, e.g. the proxy's")
-    p.add_argument("--refuse-root", action="store_true", help="the app must not run as root")
-    p = sub.add_parser("health")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--unix")
-    target.add_argument("--tcp")
-    p.add_argument("--path", default="/")
-    p.add_argument("--host-header", default="localhost")
-    p.add_argument("--timeout", type=float, default=30)
-    p.add_argument("--pid-file")
-    p.add_argument("--unit")
-    p.add_argument("--stamp", help="expect the proxy's X-Fabdeploy-Site header to say this")
-    p.add_argument("--preview-map", help="send the preview token kept in this nginx map file")
-    p = sub.add_parser("reload", help="reload the proxy and wait until it serves the new config")
-    p.add_argument("--run", required=True, help="the proxy's reload command, run by sh")
-    p.add_argument("--pid-file", help="nginx's pid file: wait for the workers of its master")
-    p.add_argument("--timeout", type=float, default=10)
-    p = sub.add_parser("compile", help="run with the venv's python")
-    p.add_argument("--like", help="the previous release's venv, whose bytecode may be reused")
-    args = parser.parse_args(argv)
-    if args.command == "facts":
-        return facts(args)
-    if args.command == "compile":
-        return compile_venv(args)
-    if args.command == "reload":
-        return reload_proxy(args)
-    return health(args)
+    if argv[:1] == ["compile"]:
+        return compile_venv(argv[2] if argv[1:2] == ["--like"] else None)
+    return serve(source=globals().get("__file__"))
 
 
 if __name__ == "__main__":

@@ -1,62 +1,22 @@
-"""The thin layer that does things: run commands and write files on a host.
+"""The thin layer that does things: a host's connection, and its agent.
 
-In a dry run it prints what it would do instead, but still runs queries
-(commands that only read), so the plan reflects the host as it is.
+`Host.execute` sends phases of operations to the host's agent, or, in a
+dry run, prints what they would do and carries out only the ones that
+read, so that the plan follows the host as it is.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import posixpath
-import secrets
-import select
 import socket
 import sys
-from dataclasses import dataclass
-from shlex import quote
 
 import paramiko
 from paramiko.ssh_exception import NoValidConnectionsError
 
-from .errors import DeployError, tail
-
-
-FULL_KIB = 4096  # under 4 MiB free after a failure: the disk is why
-
-
-def disk_full(output: str) -> bool:
-    return "No space left on device" in output or "Errno 28" in output or "os error 28" in output
-
-
-def failure(what: str, how: str, output: str, full: bool = False) -> str:
-    """The one line for a failed step; a full disk is common and named as such."""
-    if full or disk_full(output):
-        return f"{what} failed: the server's disk is full (the old release keeps serving)"
-    return f"{what} failed ({how})"
-
-
-@dataclass
-class Ran:
-    """What a remote command did: its output and exit status (-1: no status came)."""
-
-    stdout: str
-    stderr: str
-    exited: int
-
-    @property
-    def ok(self) -> bool:
-        return self.exited == 0
-
-    @property
-    def failed(self) -> bool:
-        return not self.ok
-
-
-def readable(command: str) -> str:
-    """A command as a person should read it: the packed agent shown by name."""
-    from .plan import AGENT  # late: plan imports nothing from here, keep it that way
-    return command.replace(quote(AGENT), "<fabdeploy-agent>")
+from .errors import DeployError
+from .ops import Facts, Lock, Phase
+from .session import ChannelLost, Reply, Session
 
 
 class PromptAcks(socket.socket):
@@ -84,15 +44,17 @@ def no_delay(sock) -> None:
 class Host:
     """One server, reached through a Fabric Connection."""
 
-    def __init__(self, conn, known_hosts: str, dry_run: bool = False, out=None):
+    def __init__(self, conn, known_hosts: str, python: str = "python3", dry_run: bool = False,
+                 out=None):
         self.conn = conn
         self.known_hosts = known_hosts
+        self.python = python
         self.dry_run = dry_run
         self.out = out or sys.stdout
         port = f":{conn.port}" if conn.port and conn.port != 22 else ""
         self.name = f"{conn.user}@{conn.host}{port}"
-        self.root: str | None = None  # deploy_to, once known: where to look for free space
-        self._sftp = None
+        self.root: str | None = None  # deploy_to, once known: where a full disk is looked for
+        self.session: Session | None = None
 
     # -- connecting ---------------------------------------------------------
 
@@ -167,122 +129,73 @@ class Host:
         return os.path.expanduser(path)
 
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
+        if self.session is not None:
+            self.session.close()
+            self.session = None
         self.conn.close()
 
-    # -- doing --------------------------------------------------------------
+    # -- doing ----------------------------------------------------------------
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def run(self, command: str, *, what: str = "command", query: bool = False,
-            warn: bool = False, hint: str | None = None):
-        """Run a command. Failures raise with the command's output, unless warn."""
-        if self.dry_run and not query:
-            self.say(f"[{self.name}] would run: {readable(command)}")
-            return None
-        if self.conn.config.run.echo:
-            self.say(f"[{self.name}] {readable(command)}")
-        try:
-            result = self.execute(command)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise DeployError(f"lost the connection while {what}: {exc or type(exc).__name__}",
-                              self.name, hint="check the network, then deploy again") from None
-        if result.exited == -1 and not self.conn.is_connected:
-            # paramiko's exit status when the channel closed with the connection.
-            raise DeployError(f"lost the connection while {what}", self.name,
-                              hint="check the network, then deploy again")
-        if result.failed and not warn:
-            output = (result.stderr.strip() or result.stdout.strip())
-            full = disk_full(output) or self.nearly_full()
-            raise DeployError(failure(what, f"exit {result.exited}", output, full), self.name,
-                              hint=None if full else hint,
-                              detail=None if full else tail(output) or None)
-        return result
+    def execute(self, phases: list[Phase], *, on_phase=None, on_output=None,
+                interruptible: bool = True, sudo: bool = False) -> Reply:
+        """Run phases of ops on the host's agent (started by the first call), in one request.
 
-    def execute(self, command: str) -> Ran:
-        """Run a command on its own channel, no pty, no stdin, output captured.
-
-        Fabric's runner polls its reader threads every 10 ms; a deploy runs
-        a dozen commands, so this waits on the channel itself instead.
+        --echo shows each phase's ops as it ends. A dry run carries out only
+        the ops that read, then shows what each phase would do, before its
+        line, with ~ as the host's home.
         """
-        channel = self.conn.transport.open_session()
-        try:
-            channel.exec_command(command)
-            channel.shutdown_write()
-            out, err = [], []
-            ready = select.poll()  # not select(): a fleet's descriptors may pass 1024
-            ready.register(channel, select.POLLIN)
-            while True:
-                ready.poll(1000)  # wakes on output, EOF or close
-                while channel.recv_ready():
-                    out.append(channel.recv(1 << 16))
-                while channel.recv_stderr_ready():
-                    err.append(channel.recv_stderr(1 << 16))
-                if (channel.eof_received or channel.closed) and not (
-                        channel.recv_ready() or channel.recv_stderr_ready()):
-                    break
-            exited = channel.recv_exit_status()
-        finally:
-            channel.close()
-        return Ran(b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace"),
-                   exited)
+        shown = {p.name: p.ops for p in phases}
 
-    def nearly_full(self) -> bool:
-        """After a failure: has deploy_to's filesystem (almost) no space left?
+        def show(name: str, home: str | None = None) -> None:
+            for op in shown.get(name, ()):
+                if self.dry_run and op.reads_only:
+                    continue
+                for line in op.describe():
+                    line = line if self.dry_run else line.removeprefix("would ")
+                    self.say(f"[{self.name}] {line.replace(' ~/', f' {home}/') if home else line}")
 
-        Tools do not always say so: python -m venv hides ensurepip's error,
-        and sftp-server answers ENOSPC with a bare 'Failure'.
-        """
-        if not self.root or not self.conn.is_connected:
-            return False
-        try:
-            df = self.execute(f"df -Pk {quote(self.root)}")
-        except (paramiko.SSHException, EOFError, OSError):
-            return False
-        fields = df.stdout.splitlines()[-1].split() if df.ok and df.stdout.strip() else []
-        return len(fields) > 3 and fields[3].isdigit() and int(fields[3]) < FULL_KIB
+        def phase_done(name: str, seconds: float) -> None:
+            if self.echo and not self.dry_run:
+                show(name)
+            if on_phase:
+                on_phase(name, seconds)
 
-    def reconnect(self) -> None:
-        """A fresh connection after the old one died, e.g. to release the lock."""
-        self.close()
-        self._sftp = None
-        self.connect()
-
-    def sftp(self):
-        if self._sftp is None:
-            self._sftp = self.conn.sftp()
-        return self._sftp
-
-    def mkdir(self, remote: str) -> None:
-        """One directory, over SFTP: cheaper than a command."""
         if self.dry_run:
-            self.say(f"[{self.name}] would create directory {remote}")
-            return
-        with self.transfer(f"creating {remote}"):
-            self.sftp().mkdir(remote)
+            ended: list = []
+            reply = self._request([Phase(p.name, tuple(dry(op) for op in p.ops if dry(op) is not None))
+                                   for p in phases], lambda name, s: ended.append((name, s)),
+                                  on_output, interruptible, sudo)
+            home = (reply.results.get("facts") or {}).get("home")
+            for name, seconds in ended:
+                show(name, home)
+                if on_phase:
+                    on_phase(name, seconds)
+            return reply
+        return self._request(phases, phase_done, on_output, interruptible, sudo)
 
-    def put(self, local: str, remote: str, atomic: bool = False) -> None:
-        """Upload a file; atomic: under a temporary name, then renamed into place."""
-        if self.dry_run:
-            self.say(f"[{self.name}] would upload: {local} -> {remote}")
-            return
-        with self.transfer(f"uploading to {remote}"):
-            target = remote
-            if atomic:
-                target = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.part")
-            self.sftp().put(local, target, callback=self._progress(posixpath.basename(remote)))
-            if atomic:
-                self.sftp().posix_rename(target, remote)
+    def _request(self, phases, on_phase, on_output, interruptible, sudo) -> Reply:
+        options = dict(on_phase=on_phase, on_output=on_output, interruptible=interruptible,
+                       root=self.root, progress=self._progress())
+        try:
+            if self.session is None:
+                self.session = Session(self.conn.transport, self.python, sudo=sudo, read_only=self.dry_run)
+                return self.session.start(phases, **options)
+            return self.session.call(phases, **options)
+        except ChannelLost as exc:
+            self.session = None
+            raise DeployError(f"lost the connection while {phases[-1].name if phases else 'talking'}"
+                              f" ({exc})", self.name, hint="check the network, then deploy again") from None
 
-    def _progress(self, name: str):
+    def _progress(self):
         """A progress bar on a terminal, for uploads big enough to wait for."""
         stream = sys.stderr
         if not stream.isatty():
             return None
 
-        def show(done: int, total: int) -> None:
+        def show(name: str, done: int, total: int) -> None:
             if total < 1 << 20:
                 return
             width = 30
@@ -293,60 +206,29 @@ class Host:
             stream.flush()
         return show
 
-    @contextlib.contextmanager
-    def transfer(self, what: str):
-        """SFTP failures as one clear line, naming a full disk as such."""
-        try:
-            yield
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            full = disk_full(str(exc)) or self.nearly_full()
-            raise DeployError(failure(what, str(exc) or type(exc).__name__, str(exc), full),
-                              self.name) from None
+    def cancel(self) -> None:
+        if self.session is not None:
+            self.session.cancel()
 
-    def write(self, remote: str, text: str, mode: int = 0o644) -> None:
-        """Write a file atomically: a temporary name, then a rename."""
-        if self.dry_run:
-            self.say(f"[{self.name}] would write {remote} (mode {mode:o}):")
-            self.say("".join(f"    {line}\n" for line in text.splitlines()).rstrip("\n"))
-            return
-        self._write_then_rename(remote, text, mode)
+    def stream(self, command: str, pty: bool = False) -> int:
+        """A command whose output goes straight to ours (with a pty: Ctrl-C reaches it)."""
+        if self.conn.config.run.echo:
+            self.say(f"[{self.name}] {command}")
+        result = self.conn.run(command, in_stream=False, warn=True, pty=pty)
+        return result.exited
 
-    def write_secret(self, remote: str, text: str) -> None:
-        """Like write, but 0600 from the instant the file exists, and never shown.
+    def reconnect(self) -> None:
+        """A fresh connection after the old one died, e.g. to release the lock."""
+        self.close()
+        self.connect()
 
-        SFTP's open creates files 0644 (paramiko sends no mode), and a chmod
-        a round trip later does not take back a descriptor opened in between.
-        So a shell creates the file empty under umask 077 (noclobber: never
-        an existing one), and SFTP only fills it.
-        """
-        if self.dry_run:
-            self.say(f"[{self.name}] would write {remote} (mode 600, secret: not shown)")
-            return
-        tmp = self._temporary(remote)
-        self.run(f"umask 077 && set -C && : > {quote(tmp)}", what=f"creating {tmp}")
-        self._fill_then_rename(tmp, remote, text, "w")
+    @property
+    def echo(self) -> bool:
+        return bool(self.conn.config.run.echo)
 
-    def _temporary(self, remote: str) -> str:
-        return posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.{secrets.token_hex(4)}")
 
-    def _write_then_rename(self, remote: str, text: str, mode: int) -> None:
-        tmp = self._temporary(remote)
-        self._fill_then_rename(tmp, remote, text, "wx", mode)
-
-    def _fill_then_rename(self, tmp: str, remote: str, text: str, how: str, mode: int | None = None):
-        with self.transfer(f"writing {remote}"):
-            sftp = self.sftp()
-            with sftp.open(tmp, how) as f:
-                if mode is not None:
-                    sftp.chmod(tmp, mode)
-                f.write(text.encode())
-            sftp.posix_rename(tmp, remote)
-
-    def read(self, remote: str) -> str | None:
-        """A small remote file's text, or None if it does not exist."""
-        buf = io.BytesIO()
-        try:
-            self.sftp().getfo(remote, buf)
-        except FileNotFoundError:
-            return None
-        return buf.getvalue().decode()
+def dry(op):
+    """What a dry run carries out of an op: reads only (taking the lock is only looked at)."""
+    if isinstance(op, Lock):
+        return Facts(**{k: getattr(op, k) for k in Facts.__dataclass_fields__})
+    return op if op.reads_only else None
