@@ -5,7 +5,10 @@ import datetime as dt
 import posixpath
 from dataclasses import dataclass
 
+from .model import Release
+
 STATE_DIR = ".fabdeploy"
+HELPER = "/usr/local/lib/fabdeploy/helper"
 
 
 def release_name(now: dt.datetime | None = None) -> str:
@@ -127,25 +130,20 @@ class Layout:
         """Present from a new preview token until nginx has been reloaded with it."""
         return self._join(STATE_DIR, "preview.unloaded")
 
+    def pending_meta(self, name: str) -> str:
+        """RELEASE.json, written aside until the switch renames it into place."""
+        return self._join("releases", name, "RELEASE.json.pending")
+
+    @property
+    def backups(self) -> str:
+        return self._join("shared", "backups")
+
     def pid_file(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.pid")
 
     def instance_link(self, name: str, import_name: str) -> str:
         """Where Flask looks for an installed app's instance folder."""
         return self._join("releases", name, "venv", "var", f"{import_name}-instance")
-
-
-@dataclass(frozen=True)
-class Release:
-    """A release directory as the host reports it."""
-
-    name: str
-    state: str  # ready, failed or partial
-    meta: dict
-
-    @property
-    def good(self) -> bool:
-        return self.state == "ready"
 
 
 def previous_release(releases: list[Release], current: str | None) -> Release | None:
@@ -169,3 +167,48 @@ def releases_to_remove(releases: list[Release], current: str | None, keep: int) 
         newest.remove(min(droppable))
         newest.append(name)
     return sorted(r.name for r in releases if r.name not in newest)
+
+
+@dataclass(frozen=True)
+class SystemPaths:
+    """Where provision puts an app's root-owned files. None of them is the deploy user's."""
+
+    app: str
+
+    @property
+    def registration(self) -> str:
+        """What provision baked into root's files for the app, and who deploys it (JSON)."""
+        return f"/etc/fabdeploy/apps/{self.app}.json"
+
+    @property
+    def preview_map(self) -> str:
+        """The app's preview token, as an nginx map line: root's, readable by the deploy user."""
+        return f"/etc/fabdeploy/apps/{self.app}.preview"
+
+    @property
+    def unit(self) -> str:
+        return f"/etc/systemd/system/{self.app}@.service"
+
+    @property
+    def sudoers(self) -> str:
+        return f"/etc/sudoers.d/fabdeploy-{self.app}"
+
+    @property
+    def nginx_site(self) -> str:
+        return f"/etc/nginx/sites-enabled/{self.app}.conf"
+
+    @property
+    def apache_site(self) -> str:
+        return f"/etc/apache2/sites-enabled/{self.app}.conf"
+
+    def site(self, proxy: str) -> str:
+        return self.apache_site if proxy == "apache" else self.nginx_site
+
+    @property
+    def audit_log(self) -> str:
+        """Root's record of every deploy: the deploy user appends through the helper only."""
+        return f"/var/log/fabdeploy/{self.app}/audit.jsonl"
+
+    @property
+    def logrotate(self) -> str:
+        return f"/etc/logrotate.d/fabdeploy-{self.app}"

@@ -1,14 +1,21 @@
-"""Render the files fabdeploy installs from the templates in the package."""
+"""Render the files fabdeploy installs from the templates in the package. No I/O here.
+
+Every value that goes into a proxy site or a unit has been validated by
+settings (hostnames, ports, names, plain paths); nothing else reaches them.
+"""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 
-from . import servers
+from .catalog import WORKERS
 from .layout import Layout
+from .model import Bind
 from .settings import Settings
 
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+NEXT = "_next"  # the suffix of the preview's upstream and of its stamp (agent.NEXT)
 
 
 def render(template: str, **values) -> str:
@@ -21,83 +28,91 @@ def upstream_name(app: str) -> str:
     return "fabdeploy_" + re.sub(r"\W", "_", app)
 
 
-def stamp(settings: Settings, release: str, active_bind: str) -> str:
+def stamp(settings: Settings, active: Bind) -> str:
     """What the site stamps on responses: the app, and over TCP (where each
-    switch rewrites the site) the release too."""
-    return settings.app if active_bind.startswith("unix:") else f"{settings.app}@{release}"
+    switch changes the site) the port it sends visitors to."""
+    return settings.app if active.is_unix else f"{settings.app}@{active.port}"
 
 
-NEXT = "_next"  # the suffix of the preview's upstream, and of its stamp (agent.make_preview_map)
+@dataclass(frozen=True)
+class SiteShape:
+    """What a site is rendered for beside the settings: its upstreams and where the token is."""
+
+    release: str
+    active: Bind
+    backup: Bind | None = None
+    preview_map: str | None = None  # a map file: the site has a preview through next.sock
+    next_socket: str | None = None
+    ipv6: bool = False
 
 
-def proxy_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None,
-               layout: Layout | None = None) -> str:
-    """The proxy's site for this switch: nginx's or Apache's.
-
-    With `layout` (nginx over unix sockets), the site also routes requests
-    that carry the host's preview token to shared/run/next.sock.
-    """
-    if settings["proxy"] == "apache":
-        return apache_site(settings, release, active_bind, backup_bind)
-    return nginx_site(settings, release, active_bind, backup_bind, layout)
+def proxy_site(settings: Settings, shape: SiteShape) -> str:
+    """The proxy's site: nginx's or Apache's."""
+    if settings.proxy.kind == "apache":
+        return apache_site(settings, shape)
+    return nginx_site(settings, shape)
 
 
-def apache_member(bind: str) -> str:
-    """gunicorn's bind as a mod_proxy address: unix:/x.sock|http://localhost, or http://host:port."""
-    return f"{bind}|http://localhost" if bind.startswith("unix:") else f"http://{bind}"
+def listen_lines(settings: Settings, ipv6: bool, indent: str = "    ") -> str:
+    lines = []
+    for listen in settings.proxy.listen:
+        lines.append(f"{indent}listen {listen.nginx};")
+        if listen.address is None and ipv6:
+            lines.append(f"{indent}listen [::]:{listen.port};")
+    return "\n".join(lines)
 
 
-def apache_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None) -> str:
-    apache = settings.values["apache"]
-    name = apache["server_name"]
-    server_name = "" if name in ("_", "") else f"    ServerName {name}\n"
+def apache_site(settings: Settings, shape: SiteShape) -> str:
+    proxy = settings.proxy
+    server_name = "" if proxy.catch_all else f"    ServerName {proxy.server_name[0]}\n" + "".join(
+        f"    ServerAlias {alias}\n" for alias in proxy.server_name[1:])
     # disablereuse: a pooled backend connection would outlive a switch of the live link.
-    backup = (f'        BalancerMember "{apache_member(backup_bind)}" status=+H disablereuse=On\n'
-              if backup_bind else "")
+    backup = (f'        BalancerMember "{shape.backup.apache}" status=+H disablereuse=On\n'
+              if shape.backup else "")
+    hosts = " ".join(f"*:{listen.port}" if listen.address is None else f"{listen.nginx}"
+                     for listen in proxy.listen)
     return render("apache-site.conf", app=settings.app, upstream=upstream_name(settings.app),
-                  stamp=stamp(settings, release, active_bind), active=apache_member(active_bind),
-                  backup=backup,
-                  listen=apache["listen"], server_name=server_name)
+                  stamp=stamp(settings, shape.active), active=shape.active.apache,
+                  backup=backup, hosts=hosts, server_name=server_name)
 
 
-def nginx_site(settings: Settings, release: str, active_bind: str, backup_bind: str | None,
-               layout: Layout | None = None) -> str:
-    nginx = settings.nginx
+def nginx_site(settings: Settings, shape: SiteShape) -> str:
     upstream = upstream_name(settings.app)
-    # gunicorn's bind syntax (unix:/x.sock, or host:port) is nginx's too.
-    backup = f"    server {backup_bind} backup max_fails=0;\n" if backup_bind else ""
-    site_stamp = stamp(settings, release, active_bind)
+    backup = f"    server {shape.backup.nginx} backup max_fails=0;\n" if shape.backup else ""
+    site_stamp = stamp(settings, shape.active)
     preview, target = "", upstream
-    if layout is not None:
-        # $<upstream>_pick is "" for visitors and _next for the preview token (its map,
-        # made by the agent, never leaves the server), in the upstream's name and the stamp.
+    if shape.preview_map:
+        # $<upstream>_pick is "" for visitors and _next for the preview token (its map never
+        # leaves the server), in the upstream's name and the stamp.
         pick = f"${upstream}_pick"
         preview = render("nginx-preview.conf", upstream=upstream, pick=pick, next=NEXT,
-                         next_socket=layout.next_socket, token_map=exact_glob(layout.preview_map))
+                         next_socket=shape.next_socket, token_map=exact_glob(shape.preview_map))
         target, site_stamp = upstream + pick, site_stamp + pick
     return render("nginx-site.conf", app=settings.app, upstream=upstream, stamp=site_stamp,
-                  active=active_bind, backup=backup, preview=preview, target=target,
-                  listen=nginx["listen"], server_name=nginx["server_name"])
+                  active=shape.active.nginx, backup=backup, preview=preview, target=target,
+                  listen=listen_lines(settings, shape.ipv6),
+                  server_name=" ".join(settings.proxy.server_name))
 
 
 def exact_glob(path: str) -> str:
     """A glob that matches exactly `path`: nginx's include of a glob that matches
-    nothing is no error, so a deleted deploy_to never breaks nginx's configuration."""
+    nothing is no error, so a deleted file never breaks nginx's configuration."""
     stem, dot, ext = path.rpartition(".")
     return f"{stem}[.]{ext}" if dot and "/" not in ext else path
 
 
-def gunicorn_conf(settings: Settings, layout: Layout, release: str, bind: str) -> str:
-    g = settings.gunicorn
+def gunicorn_conf(settings: Settings, layout: Layout, release: str, bind: Bind) -> str:
+    server = settings.server
     return render("gunicorn.conf.py", app=settings.app, release=release,
-                  wsgi=repr(settings["wsgi"]), bind=repr(bind), workers=int(g["workers"]),
-                  worker_class=repr(servers.WORKERS[servers.worker(settings)][0]),
-                  timeout=int(g["timeout"]), graceful_timeout=int(g["graceful_timeout"]),
+                  wsgi=repr(settings.wsgi), bind=repr(bind.gunicorn), workers=server.workers,
+                  worker_class=repr(WORKERS[server.worker_class][0]),
+                  timeout=server.timeout, graceful_timeout=server.graceful_timeout,
                   release_dir=repr(layout.release(release)),
                   proc_name=repr(f"{settings.app}-{release}"))
 
 
-def systemd_unit(settings: Settings, layout: Layout, user: str) -> str:
-    return render("gunicorn@.service", app=settings.app, user=user, server=settings["server"],
-                  group=settings.gunicorn["group"], root=layout.root,
-                  stop_timeout=int(settings.gunicorn["graceful_timeout"]) + 10)
+def systemd_unit(settings: Settings, root: str, user: str) -> str:
+    """The release units' template, `<app>@.service`: root's file, run as the deploy user."""
+    return render("app@.service", app=settings.app, user=user, server=settings.server.kind,
+                  group=settings.group, root=root,
+                  stop_timeout=settings.server.graceful_timeout + 10)

@@ -9,55 +9,22 @@ from __future__ import annotations
 
 from shlex import quote
 
-from .errors import DeployError
+from .catalog import SERVERS, WORKERS
 from .layout import Layout
+from .model import Bind
 from .settings import Settings
-
-SERVERS = {"gunicorn": ["gunicorn"], "waitress": ["waitress"], "uwsgi": ["pyuwsgi"]}
-
-# gunicorn worker classes: the import path gunicorn wants, and what they need installed.
-WORKERS = {
-    "sync": ("sync", []),
-    "gthread": ("gthread", []),
-    # gunicorn 27's gevent worker imports packaging without requiring it.
-    "gevent": ("gevent", ["gevent", "packaging"]),
-    # gunicorn 26 dropped its eventlet worker.
-    "eventlet": ("eventlet", ["eventlet", "gunicorn<26"]),
-    "uvicorn": ("uvicorn_worker.UvicornWorker", ["uvicorn-worker"]),
-}
-
-
-def worker(settings: Settings) -> str:
-    """The gunicorn worker class name: `asgi: true` means uvicorn workers."""
-    chosen = settings.gunicorn["worker_class"] or ("uvicorn" if settings["asgi"] else "sync")
-    if chosen not in WORKERS:
-        raise DeployError(f"gunicorn.worker_class must be one of {', '.join(WORKERS)}, not {chosen!r}",
-                          hint="fix fabric.yaml")
-    return chosen
-
-
-def check(settings: Settings) -> None:
-    """Combinations that cannot work, refused before anything runs."""
-    server = settings["server"]
-    if server not in SERVERS:
-        raise DeployError(f"server must be one of {', '.join(SERVERS)}, not {server!r}",
-                          hint="fix fabdeploy.server")
-    if settings["asgi"] and server != "gunicorn":
-        raise DeployError(f"asgi: true runs under gunicorn with uvicorn workers, not {server}",
-                          hint="set server: gunicorn")
-    if server == "gunicorn":
-        worker(settings)
 
 
 def packages(settings: Settings) -> list[str]:
     """What the release's venv needs beside the app: the server, its workers, the user's extras."""
-    needed = list(SERVERS[settings["server"]])
-    if settings["server"] == "gunicorn":
-        extras = WORKERS[worker(settings)][1]
+    server = settings.server
+    needed = list(SERVERS[server.kind])
+    if server.kind == "gunicorn":
+        extras = WORKERS[server.worker_class][1]
         pins = [p for p in extras if p.startswith("gunicorn")]
         needed = pins or needed
         needed += [p for p in extras if not p.startswith("gunicorn")]
-    return needed + [p for p in settings["packages"] if p not in needed]
+    return needed + [p for p in settings.packages if p not in needed]
 
 
 def factory(wsgi: str) -> tuple[str, bool]:
@@ -65,32 +32,30 @@ def factory(wsgi: str) -> tuple[str, bool]:
     return (wsgi[:-2], True) if wsgi.endswith("()") else (wsgi, False)
 
 
-def serve_command(settings: Settings, layout: Layout, release: str, bind: str) -> str:
+def serve_command(settings: Settings, layout: Layout, release: str, bind: Bind) -> str:
     """The server in the foreground, by the release venv's absolute paths."""
     venv = layout.venv(release)
     python = quote(f"{venv}/bin/python")
-    server = settings["server"]
-    unix = bind.startswith("unix:")
-    address = bind[len("unix:"):] if unix else bind
-    workers = int(settings.gunicorn["workers"])
-    if server == "gunicorn":
+    server = settings.server
+    if server.kind == "gunicorn":
         return f"{python} {quote(venv + '/bin/gunicorn')} -c {quote(layout.gunicorn_conf(release))}"
-    if server == "waitress":
-        spec, called = factory(settings["wsgi"])
-        listen = (f"--unix-socket={quote(address)} --unix-socket-perms=660" if unix
-                  else f"--listen={quote(address)}")
+    if server.kind == "waitress":
+        spec, called = factory(settings.wsgi)
+        listen = (f"--unix-socket={quote(bind.path)} --unix-socket-perms=660" if bind.is_unix
+                  else f"--listen={quote(bind.address)}")
         call = " --call" if called else ""
         # waitress (2.0+) strips X-Forwarded-* from untrusted peers, and over a unix socket
         # the proxy is one; pass them on, as gunicorn does, for the app's ProxyFix.
         return (f"{python} {quote(venv + '/bin/waitress-serve')} {listen}"
-                f" --threads={4 * workers} --no-clear-untrusted-proxy-headers{call} {quote(spec)}")
+                f" --threads={4 * server.workers} --no-clear-untrusted-proxy-headers{call} {quote(spec)}")
     # uWSGI, from the pyuwsgi wheel. --lazy-apps: each worker loads the app, as gunicorn's do.
     # Its http-socket closes the connection after every answer without saying so: a client
     # or proxy that reuses it (Apache, a balancer) gets a reset. Say so, as gunicorn's sync
     # workers do.
-    return (f"{quote(venv + '/bin/uwsgi')} --master --processes {workers} --http-socket {quote(address)}"
+    address = bind.path if bind.is_unix else bind.address
+    return (f"{quote(venv + '/bin/uwsgi')} --master --processes {server.workers} --http-socket {quote(address)}"
             f" --add-header {quote('Connection: close')}"
-            f" --chmod-socket=660 --module {quote(settings['wsgi'])} --lazy-apps --need-app"
+            f" --chmod-socket=660 --module {quote(settings.wsgi)} --lazy-apps --need-app"
             " --die-on-term --vacuum --disable-logging")
 
 
@@ -99,10 +64,12 @@ def start_marker(release: str) -> str:
     return f"== fabdeploy: release {release} starting =="
 
 
-def serve_script(settings: Settings, layout: Layout, release: str, bind: str) -> str:
+def serve_script(settings: Settings, layout: Layout, release: str, bind: Bind) -> str:
     """The release's `serve`: its output to the app's log, $PORT unset, then the server."""
     return (f"#!/bin/sh\n"
             f"# Written by fabdeploy: runs release {release} of {settings.app} in the foreground.\n"
+            f"# Files the app makes are its own and its group's (fd-{settings.app}): nobody else's.\n"
+            f"umask 027\n"
             f"exec >> {quote(layout.app_log)} 2>&1\n"
             f"echo {quote(start_marker(release))}\n"
             f"cd {quote(layout.release(release))} || exit 1\n"

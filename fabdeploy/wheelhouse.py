@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .build import Wheel, cache_dir
 from .errors import DeployError, tail
+from .model import HostFacts
 
 TOOLS = ("pip", "uv")  # shipped too: pip to install, uv to install fast
 
@@ -48,13 +49,13 @@ class Platform:
         return tags
 
 
-def platform_of(facts: dict) -> Platform:
+def platform_of(facts: HostFacts) -> Platform:
     glibc = None
-    if facts.get("glibc"):
-        major, _, minor = facts["glibc"].partition(".")
+    if facts.glibc:
+        major, _, minor = facts.glibc.partition(".")
         if major.isdigit() and minor.isdigit():
             glibc = (int(major), int(minor))
-    return Platform(facts["python"], facts.get("machine") or "x86_64", glibc)
+    return Platform(facts.python, facts.machine or "x86_64", glibc)
 
 
 def requires(wheel: Wheel) -> list[str]:
