@@ -1,8 +1,10 @@
-"""Deploy and roll back across hosts: prepare all, then switch all.
+"""Deploy and roll back across hosts: prepare all, then switch all, or none.
 
 Each host runs its phases in its own thread (at most `parallel` at once).
 No host switches until every host is prepared; the switch then goes in
-batches, and stops at the first batch that fails.
+batches, and if a host of a batch fails to switch, the hosts of that batch
+that did switch go back to their previous release (still warm) before the
+deploy ends. Batches before it stay switched, and the output says so.
 """
 from __future__ import annotations
 
@@ -11,33 +13,28 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterable
 
 from . import phases as ph
 from .errors import DeployError
-from .layout import previous_release
-from .phases import Target
+from .ops import Phase
+from .phases import Step, Target
+
+# A seam for tests that kill or interrupt a deploy at a given moment: the host
+# waits before this phase (e.g. FABDEPLOY_PAUSE_BEFORE=route) until Ctrl-C.
+PAUSE_BEFORE = os.environ.get("FABDEPLOY_PAUSE_BEFORE")
 
 
-class Reporter:
-    """One line per host per phase, a summary at the end, and the stop button.
+class Printer:
+    """One line per host per phase (not with -q), the outcome, and each phase's time for --json."""
 
-    Ctrl-C sets `cancelled`; every host then stops at its next phase, and the
-    failure path (stop the new release, mark it, unlock), which is not made
-    of phases, runs everywhere.
-    """
-
-    def __init__(self, quiet: bool = False, out=None, parallel: int = 10, json_out: bool = False):
+    def __init__(self, quiet: bool = False, json_out: bool = False, out=None):
         self.quiet = quiet or json_out
         self.json_out = json_out
         self.out = out or sys.stdout
-        self.parallel = max(1, int(parallel))
-        self.cancelled = threading.Event()
         self._lock = threading.Lock()
         self.started = time.monotonic()
         self.timings: dict[str, dict[str, float]] = {}
-        # A test hook: stop before this phase, so a test can kill us there.
-        self.pause_before = os.environ.get("FABDEPLOY_PAUSE_BEFORE")
 
     def line(self, text: str, always: bool = False) -> None:
         """A phase line (not with -q), or an outcome (`always`; not with --json)."""
@@ -45,50 +42,43 @@ class Reporter:
             with self._lock:
                 print(text, file=self.out, flush=True)
 
-    def step(self, t: Target, name: str, fn: Callable, *args):
-        if self.cancelled.is_set():
-            raise DeployError(f"interrupted before {name}")
-        if name == self.pause_before:
-            self.line(f"[{t.host.name}] paused before {name}", always=True)
-            # Wait on the stop button, not in sleep(): Ctrl-C must end a pause like a phase.
-            if self.cancelled.wait(600):
-                raise DeployError(f"interrupted before {name}")
-        started = time.monotonic()
-        outcome = None  # a phase that fails has its line too
-        try:
-            outcome = fn(t, *args)
-            return outcome
-        finally:
-            took = time.monotonic() - started
-            if outcome is not ph.DEFERRED:  # a phase that did nothing has no line
-                with self._lock:
-                    self.timings.setdefault(t.host.name, {})[name] = round(took, 3)
-                self.line(f"[{t.host.name}] {name:<16} {took:6.2f}s")
+    def phase(self, t: Target, name: str, seconds: float) -> None:
+        with self._lock:
+            self.timings.setdefault(t.host.name, {})[name] = round(seconds, 3)
+        self.line(f"[{t.host.name}] {name:<16} {seconds:6.2f}s")
 
-    def result(self, action: str, targets: list[Target], error: DeployError | None) -> dict:
-        """What happened, for --json: per host, the outcome and each phase's seconds."""
-        failed = {}
-        if error is not None:
-            for line in [error.line(), *(error.detail or "").splitlines()]:
-                for t in targets:
-                    if t.host.name in line:
-                        failed.setdefault(t.host.name, line.strip(" |"))
+    def result(self, action: str, targets: list[Target], errors: dict, error: DeployError | None) -> dict:
+        """What happened, for --json: per host, where it ended and each phase's seconds."""
         hosts = [{"host": t.host.name, "release": t.release or None, "switched": t.switched,
-                  "unchanged": t.unchanged, "error": failed.get(t.host.name),
+                  "current": t.current, "unchanged": t.unchanged,
+                  "error": errors[t].line() if t in errors else None,
                   "phases": self.timings.get(t.host.name, {})} for t in targets]
         return {"action": action, "ok": error is None, "error": error.line() if error else None,
                 "release": targets[0].release if targets else None, "hosts": hosts,
                 "seconds": round(time.monotonic() - self.started, 3)}
 
-    def each(self, targets: list[Target], work: Callable[[Target], None]) -> dict:
-        """Run work on every target in threads; return {target: DeployError} for failures."""
+
+class Runner:
+    """Work on every host in threads, at most `parallel` at once; Ctrl-C stops them all.
+
+    Ctrl-C sets `cancelled` and tells every host's agent to stop; each host
+    then ends at its next phase, and the failure path runs everywhere.
+    """
+
+    def __init__(self, parallel: int = 10):
+        self.parallel = max(1, int(parallel))
+        self.cancelled = threading.Event()
+        self.errors: dict[Target, DeployError] = {}  # the last error of each host, by identity
+
+    def each(self, targets: list[Target], work: Callable[[Target], None]) -> dict[Target, DeployError]:
+        """Run work on every target; return {target: DeployError} for those that failed."""
         failures = {}
 
         def guarded(t: Target) -> None:
             try:
                 work(t)
             except DeployError as exc:
-                failures[t] = exc.on(t.host.name)
+                failures[t] = self.errors[t] = exc.on(t.host.name)
 
         if not targets:
             return failures
@@ -98,10 +88,95 @@ class Reporter:
                 future.result()
         except BaseException:
             self.cancelled.set()
+            for t in targets:
+                t.host.cancel()
             raise
         finally:
             pool.shutdown(wait=True)
         return failures
+
+
+def run_steps(t: Target, steps: Iterable[Step], printer: Printer) -> None:
+    """One host through declared steps: local ones here, consecutive remote ones in one request.
+
+    Each remote phase is planned when its turn comes, so it sees what the
+    phases before it decided; the agent then runs the request's phases in
+    order and reports each as it ends.
+    """
+    batch: list[tuple[Step, list]] = []
+    for step in steps:
+        if t.cancelled.is_set():
+            raise DeployError(f"interrupted before {step.name}")
+        if step.name == PAUSE_BEFORE:
+            send(t, batch, printer)
+            pause(t, step.name, printer)
+        if not step.when(t):
+            continue
+        if step.remote:
+            batch.append((step, list(step.fn(t))))
+            continue
+        send(t, batch, printer)
+        started = time.monotonic()
+        try:
+            step.fn(t)
+        finally:
+            if step.printed:
+                printer.phase(t, step.name, time.monotonic() - started)
+    send(t, batch, printer)
+
+
+def send(t: Target, batch: list, printer: Printer, interruptible: bool = True) -> None:
+    """The batch's phases as one request; then each phase's `done`, in order."""
+    if not batch:
+        return
+    steps = {step.name: step for step, _ in batch}
+    request = [Phase(step.name, tuple(ops)) for step, ops in batch]
+    batch.clear()
+
+    def ended(name: str, seconds: float) -> None:
+        step = steps.get(name)
+        if step and step.printed and step.shown is None:
+            printer.phase(t, name, seconds)
+
+    timings: dict[str, float] = {}
+
+    def noted(name: str, seconds: float) -> None:
+        timings[name] = seconds
+        ended(name, seconds)
+
+    reply = t.host.execute(request, on_phase=noted, interruptible=interruptible)
+    for phase in request:
+        step = steps[phase.name]
+        if not reply.ok and phase.name == reply.phase:
+            break
+        if step.done:
+            step.done(t, reply.results)
+        if step.printed and step.shown is not None and step.shown(t):
+            printer.phase(t, phase.name, timings.get(phase.name, 0.0))
+    if not reply.ok:
+        if reply.stopped or reply.index < 0:
+            raise DeployError("interrupted" if t.cancelled.is_set() else
+                              f"stopped before {reply.phase}: {reply.error.get('message')}", t.host.name)
+        failed = next(p for p in request if p.name == reply.phase)
+        raise ph.explain(t, failed.ops[reply.index], reply.error)
+
+
+def run_ops(t: Target, name: str, ops: list, printer: Printer | None = None,
+            interruptible: bool = True) -> dict:
+    """A few ops as one request, with no line of their own (the failure paths, status, ...)."""
+    if not ops:
+        return {}
+    reply = t.host.execute([Phase(name, tuple(ops))], interruptible=interruptible)
+    if not reply.ok:
+        raise ph.explain(t, ops[reply.index] if reply.index >= 0 else ops[0], reply.error)
+    return reply.results
+
+
+def pause(t: Target, name: str, printer: Printer) -> None:
+    printer.line(f"[{t.host.name}] paused before {name}", always=True)
+    # Wait on the stop button, not in sleep(): Ctrl-C must end a pause like a phase.
+    if t.cancelled.wait(600):
+        raise DeployError(f"interrupted before {name}")
 
 
 def summary(action: str, failures: dict, total: int) -> DeployError:
@@ -119,154 +194,120 @@ def batches(targets: list[Target], batch: int) -> list[list[Target]]:
 
 # -- deploy -----------------------------------------------------------------
 
-def prepare(t: Target, r: Reporter, force: bool) -> None:
-    # The wheel builds locally meanwhile. A host deployed to before is locked in that
-    # time; a fresh one is laid out only once the wheel exists, so that a failed
-    # build leaves it untouched.
-    r.step(t, "connect", ph.connect)
-    r.step(t, "lock", ph.take_lock, "deploy", True)
-    r.step(t, "build", ph.await_wheel, r.cancelled)
-    if not t.locked:
-        r.step(t, "lock", ph.take_lock, "deploy")
-    ph.check_unchanged(t, force)
+def prepare(t: Target, printer: Printer) -> None:
+    run_steps(t, ph.PREPARE, printer)
     if not t.unchanged:
-        install_release(t, r)
-
-
-def install_release(t: Target, r: Reporter) -> None:
-    """The new release on the host, started on its own socket, and healthy."""
-    r.step(t, "upload", ph.upload)
-    r.step(t, "venv", ph.create_venv)
-    r.step(t, "install", ph.install)
-    r.step(t, "secret", ph.write_secret)
-    r.step(t, "init", ph.initialise)
-    r.step(t, "configure", ph.configure_server)
-    r.step(t, "start", ph.start_release)
-
-
-def go_live(t: Target, r: Reporter, event: str) -> None:
-    """Move traffic to the started release, checked through the proxy, and make it current."""
-    old = t.current
-    if t.wheel is not None:
-        # Only now is the release complete: one killed earlier is never a rollback target.
-        ph.record_release(t)
-    if t.settings["proxy"] == "none":
-        r.step(t, "cold switch", ph.cold_switch, old)
-    elif not r.step(t, "route", ph.route_traffic, t.release, t.bind, t.facts.get("current_bind")):
-        # No preview (Apache, TCP binds): the check comes after the switch.
-        verify_or_switch_back(t, r, old)
-    r.step(t, "switch", ph.publish, old, event)
-
-
-def verify_or_switch_back(t: Target, r: Reporter, old: str | None) -> None:
-    """The release through the proxy, as visitors now get it; if it fails, the old one again."""
-    try:
-        r.step(t, "verify", ph.verify_through_proxy)
-    except DeployError:
-        old_bind = t.facts.get("current_bind")
-        if old_bind:
-            ph.route_traffic(t, old, old_bind, None, check=False)
-            r.line(f"[{t.host.name}] switched back to {old}: the new release failed through "
-                   f"{t.settings['proxy']}",
-                   always=True)
-        else:
-            ph.restore_site(t)  # a first deploy: leave the proxy as it was
-        raise
+        run_steps(t, ph.INSTALL, printer)
 
 
 def abandon(t: Target, reason: str) -> None:
     """A release that will not go live: stop it, mark it, say so in the log."""
     if t.locked and t.wheel and t.release and not t.switched and not t.unchanged:
-        ph.mark_failed(t, reason)
-        ph.audit(t, "failed", reason=reason)
+        try:
+            run_ops(t, "abandon", ph.abandon(t, reason), interruptible=False)
+        except DeployError:
+            pass  # the lock is still released; the next deploy cleans up
 
 
-def deploy(targets: list[Target], r: Reporter, force: bool = False, batch: int = 0) -> None:
+def go_live(t: Target, printer: Printer) -> None:
+    """Move traffic to the started release, checked through the proxy, and make it current."""
+    try:
+        run_steps(t, ph.GO_LIVE, printer)
+    except DeployError:
+        if not t.switched and t.settings.proxy.enabled and not t.checked:
+            # Verified after the link moved (Apache, TCP): the old release takes the traffic again.
+            back = ph.switch_back(t)
+            run_ops(t, "switch back", back, interruptible=False)
+            if back:
+                printer.line(f"[{t.host.name}] switched back to {t.current}: the new release failed "
+                             f"through {t.settings.proxy.kind}", always=True)
+        elif not t.switched and t.settings.proxy.kind == "none" and t.current:
+            run_ops(t, "restart", ph.restart_old_publicly(t), interruptible=False)
+        raise
+
+
+def revert(t: Target, printer: Printer, why: str) -> None:
+    """A host that switched in a deploy that failed elsewhere: back to its previous release."""
+    old, new = t.old, t.release
+    if not old:
+        return
+    back = ph.Target(t.host, t.settings, release=old, facts=t.facts, layout=t.layout, locked=t.locked,
+                     action="switch back", bind=t.facts.release(old).bind if t.facts.release(old) else None)
+    ops = ph.switch_back_to(back, new) + [ph.plan.mark_failed(t.layout, new, f"{ph.now()} {why}")]
+    run_ops(t, "switch back", ops, interruptible=False)
+    t.switched = False
+    t.facts = ph.dataclasses.replace(t.facts, current=old)
+    printer.line(f"[{t.host.name}] switched back to {old}: {why}", always=True)
+
+
+def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int = 0) -> None:
     started = time.monotonic()
     live: list[Target] = []
     try:
-        failures = r.each(targets, lambda t: prepare(t, r, force))
+        failures = runner.each(targets, lambda t: prepare(t, printer))
         same = [t for t in targets if t.unchanged]
         if not failures and 0 < len(same) < len(targets):
             # After a partial rollout: one release name on every host, so those
             # already serving this wheel take it again under the new name.
             for t in same:
                 t.unchanged = False
-            failures = r.each(same, lambda t: install_release(t, r))
+            failures = runner.each(same, lambda t: (ph.fetch_wheelhouse(t), run_steps(t, ph.INSTALL, printer)))
         for t in targets:
             if t.unchanged:
-                r.line(f"[{t.host.name}] {t.wheel.filename} is already current "
-                       f"({t.current}); nothing to do (--force deploys it again)", always=True)
+                printer.line(f"[{t.host.name}] {t.wheel.filename} is already current "
+                             f"({t.current}); nothing to do (--force deploys it again)", always=True)
         if failures:
             culprits = ", ".join(f.host for f in failures.values())
-            r.each(targets, lambda t: abandon(t, f"preparing failed on {culprits}"))
+            runner.each(targets, lambda t: abandon(t, f"preparing failed on {culprits}"))
             local = [f for f in failures.values() if f.host == "local"]
             raise local[0] if local else summary("deploy", failures, len(targets))
         live = [t for t in targets if not t.unchanged]
-        for group in batches(live, batch):
-            failures = r.each(group, lambda t: go_live(t, r, "deploy"))
+        groups = batches(live, batch)
+        for number, group in enumerate(groups):
+            failures = runner.each(group, lambda t: go_live(t, printer))
             if failures:
-                r.each([t for t in live if not t.switched],
-                               lambda t: abandon(t, "switching failed"))
+                culprits = ", ".join(f.host for f in failures.values())
+                runner.each([t for t in group if t.switched],
+                            lambda t: revert(t, printer, f"switching failed on {culprits}"))
+                runner.each([t for t in live if not t.switched], lambda t: abandon(t, "switching failed"))
+                if number:
+                    kept = ", ".join(t.host.name for g in groups[:number] for t in g)
+                    printer.line(f"the batches before stay on the new release: {kept}", always=True)
                 raise summary("switch", failures, len(group))
-        r.each(live, lambda t: r.step(t, "cleanup", ph.cleanup))
+        runner.each(live, lambda t: run_steps(t, ph.FINISH, printer))
     except KeyboardInterrupt:
-        r.each([t for t in targets if not t.switched], lambda t: abandon(t, "interrupted"))
+        runner.each([t for t in targets if not t.switched], lambda t: abandon(t, "interrupted"))
         raise DeployError("interrupted", hint="hosts that had not switched keep the old release") from None
     finally:
-        r.each(targets, ph.release_lock)
+        runner.each(targets, ph.release_lock)
     hosts = ", ".join(t.host.name for t in live)
     took = f"{time.monotonic() - started:.1f}s"
     if live and targets[0].host.dry_run:
-        r.line(f"dry run: would deploy {live[0].release} to {hosts}; nothing was changed", always=True)
-    elif live and not r.json_out:
-        r.line(f"deployed {live[0].release} to {hosts} in {took}", always=True)
+        printer.line(f"dry run: would deploy {live[0].release} to {hosts}; nothing was changed", always=True)
+    elif live and not printer.json_out:
+        printer.line(f"deployed {live[0].release} to {hosts} in {took}", always=True)
 
 
 # -- rollback ---------------------------------------------------------------
 
-def pick_target(t: Target, wanted: str | None) -> str:
-    good = {rel.name for rel in t.releases if rel.good}
-    if wanted:
-        if wanted not in good:
-            raise DeployError(f"release {wanted} is not a good release on this host",
-                              hint="see fab releases")
-        if wanted == t.current:
-            raise DeployError(f"release {wanted} is already current")
-        return wanted
-    before = previous_release(t.releases, t.current)
-    if before is None:
-        raise DeployError("nothing to roll back to: there is no earlier good release",
-                          hint="deploy a fixed release instead")
-    return before.name
-
-
-def prepare_rollback(t: Target, r: Reporter, wanted: str | None) -> None:
-    r.step(t, "connect", ph.connect)
-    r.step(t, "lock", ph.take_lock, "rollback")
-    t.release = pick_target(t, wanted)
-    r.step(t, "configure", ph.configure_server)
-    r.step(t, "start", ph.start_release)
-
-
-def rollback(targets: list[Target], r: Reporter, release: str | None = None) -> None:
+def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
     try:
-        failures = r.each(targets, lambda t: prepare_rollback(t, r, release))
+        failures = runner.each(targets, lambda t: run_steps(t, ph.ROLLBACK_PREPARE, printer))
         names = {t.release for t in targets}
         if not failures and len(names) > 1:
             failures = {targets[0]: DeployError(
                 "hosts disagree on the previous release: " + ", ".join(sorted(names)),
                 hint="name one with --release")}
         if not failures:
-            failures = r.each(targets, lambda t: go_live(t, r, "rollback"))
+            failures = runner.each(targets, lambda t: go_live(t, printer))
         if failures:
             raise summary("rollback", failures, len(targets) if len(failures) > 1 else 1)
-        if not r.json_out:
-            r.line(f"rolled back to {targets[0].release} on "
-                   + ", ".join(t.host.name for t in targets), always=True)
+        if not printer.json_out:
+            printer.line(f"rolled back to {targets[0].release} on "
+                         + ", ".join(t.host.name for t in targets), always=True)
     except KeyboardInterrupt:
         raise DeployError("interrupted", hint="hosts that had not switched keep their release") from None
     finally:
-        r.each([t for t in targets if t.started and not t.switched],
-                       lambda t: ph.stop_release(t, t.release))
-        r.each(targets, ph.release_lock)
+        runner.each([t for t in targets if t.started and not t.switched],
+                    lambda t: run_ops(t, "stop", ph.stop_release(t, t.release), interruptible=False))
+        runner.each(targets, ph.release_lock)

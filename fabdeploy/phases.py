@@ -1,28 +1,33 @@
-"""The phases of a deploy and a rollback on one host, each a small function.
+"""The phases of a deploy and a rollback on one host, each a small function, and their order.
 
-A deploy prepares a host fully (the new release installed, started on its
-own socket and healthy) before any traffic moves, then switches. Commands
-come from `plan`, files from `render`; here they are only put in order.
+A remote phase returns the operations it needs on the host (from `plan`
+and `render`); the runner (fleet.py) sends consecutive remote phases to
+the host's agent as one request, so a phase costs no round trip of its
+own. A local phase does its work here. The sequences at the end are the
+deploy and the rollback, in the order the README numbers them.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
-import json
+import hashlib
 import re
 import socket
 import threading
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Callable
 
-from . import plan, render, secret, servers, wheelhouse
+from . import plan, provisioning, render, secret, servers, wheelhouse
 from .build import Wheel
 from .errors import DeployError, tail
-from .layout import Layout, Release, previous_release, releases_to_remove
+from .layout import Layout, SystemPaths, previous_release, releases_to_remove
+from .model import Bind, HostFacts, Problem, Release, ReleaseState
+from .ops import Health, Helper, Link, Op, Phase, Site, Upload, Write
 from .remote import Host
 from .settings import Settings
 
-LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
 
@@ -35,31 +40,47 @@ class Target:
     release: str = ""
     wheel: Wheel | None = None
     building: Future | None = None  # the wheel, while it is built locally
-    facts: dict = field(default_factory=dict)
+    facts: HostFacts | None = None
     layout: Layout | None = None
     locked: bool = False
-    started: bool = False      # the new release's server is running
+    started: bool = False      # the new release's server was started
     switched: bool = False     # traffic moved to the new release
     unchanged: bool = False    # the same wheel is already current
-    bind: str = ""             # where the release being activated listens
+    bind: Bind | None = None   # where the release being activated listens
+    old: str | None = None     # what was current before this invocation's switch
     secret_key: str = field(default="", repr=False)  # never shown, not even in a repr
     installer: plan.Installer | None = None
     wheels: list = field(default_factory=list)       # local paths of the dependencies' wheels
+    action: str = "deploy"
+    checked: bool = False      # route checked the release through nginx's preview
+    force: bool = False        # deploy even the wheel that is current
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def provisioned(self) -> bool:
+        """provision set this host up: root owns the site and the units, the helper is the way in."""
+        return self.facts is not None and self.facts.registration is not None
 
     @property
     def manager(self) -> str:
-        return self.settings.gunicorn["manager"] or ("systemd" if self.facts.get("systemd") else "pidfile")
+        chosen = self.settings.server.manager
+        if chosen:
+            return chosen
+        return "systemd" if self.facts and self.facts.systemd and self.provisioned else "pidfile"
 
     @property
     def current(self) -> str | None:
-        return self.facts.get("current")
+        return self.facts.current if self.facts else None
 
     @property
-    def releases(self) -> list[Release]:
-        return [Release(r["name"], r["state"], r["meta"]) for r in self.facts.get("releases", [])]
+    def releases(self) -> tuple[Release, ...]:
+        return self.facts.releases if self.facts else ()
 
-    def run(self, command: str | None, what: str, **kwargs):
-        return self.host.run(command, what=what, **kwargs) if command else None
+    def learn(self, data: dict) -> None:
+        """Take in the host's facts as the agent reported them."""
+        self.facts = HostFacts.parse(data)
+        self.layout = Layout(self.facts.root)
+        self.host.root = self.layout.root
 
 
 def who() -> str:
@@ -70,286 +91,476 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-# -- reading the host -------------------------------------------------------
+# -- reading the host, and the lock -----------------------------------------------
 
 def connect(t: Target) -> None:
     t.host.connect()
 
 
-def read_facts(t: Target) -> None:
-    result = t.run(plan.facts(t.settings), "reading the host's state", query=True,
-                   hint=f"is {t.settings['python']} installed on the server?")
-    t.facts = json.loads(result.stdout)
-    t.layout = Layout(t.facts["root"])
-    t.host.root = t.layout.root
+def read_facts(t: Target) -> list[Op]:
+    return [plan.facts(t.settings)]
 
 
-# -- preparing --------------------------------------------------------------
+def lock_while_building(t: Target) -> list[Op]:
+    """A host deployed to before is locked while the wheel builds; a fresh one is only looked at."""
+    return [plan.lock(t.settings, lock_info(t), only_laid_out=True)]
 
-DEFERRED = "deferred"  # what a phase returns when it did nothing, and prints no line
+
+def lock(t: Target) -> list[Op]:
+    """Check the host, lay out deploy_to, take the lock, read the facts afresh: one request."""
+    return [plan.lock(t.settings, lock_info(t))]
 
 
-def take_lock(t: Target, action: str, only_laid_out: bool = False) -> str | None:
-    """Check the host, lay out deploy_to, take the lock, read the facts afresh: one round trip.
+def lock_info(t: Target) -> dict:
+    return plan.lock_info(who(), now(), f"{t.action} {t.release}".strip())
 
-    only_laid_out: lock only a host deployed to before, and return DEFERRED
-    on a fresh one (laid out later, once there is a wheel to deploy).
-    """
-    info = {"who": who(), "when": now(), "what": f"{action} {t.release}".strip()}
-    if t.host.dry_run and only_laid_out:
-        return DEFERRED  # the plan shows the lock once, where a fresh host would get it
-    if t.host.dry_run:
-        read_facts(t)
-        check_server(t)
-        t.host.say(f"[{t.host.name}] would create {t.layout.root} and its directories (where "
-                   f"missing) and take the lock {t.layout.lock}: {json.dumps(info)}")
-        return
-    result = t.run(plan.facts(t.settings, info, only_laid_out), "taking the deploy lock")
-    t.facts = json.loads(result.stdout)
-    if t.facts.get("deferred"):
-        return DEFERRED
-    t.layout = Layout(t.facts["root"])
-    t.host.root = t.layout.root
+
+def locked(t: Target, results: dict) -> None:
+    """After the lock: a host that cannot take a deploy stops here, before anything changed."""
+    t.learn(results["facts"])
     check_server(t)
-    if t.facts.get("lock_error"):
-        raise DeployError(f"creating {t.layout.root} or its lock failed: {t.facts['lock_error']}",
-                          t.host.name,
-                          hint="make its parent writable, or allow passwordless sudo for mkdir and chown")
-    if not t.facts.get("locked"):
-        raise lock_held(t.facts.get("lock") or {})
+    if t.host.dry_run:
+        return
+    if t.facts.deferred:
+        return
+    if t.facts.lock_error:
+        raise DeployError(f"creating {t.layout.root} or its lock failed: {t.facts.lock_error}", t.host.name,
+                          hint="run fab -H root@<host> provision, or make deploy_to's parent writable")
+    if not t.facts.locked:
+        raise lock_held(t.facts.lock)
     t.locked = True
 
 
-def lock_held(lock: dict) -> DeployError:
-    holder = lock.get("who", "someone")
-    what = f" ({lock['what']})" if lock.get("what") else ""
-    age = lock.get("age")
-    since = f" for {age:.0f}s" if isinstance(age, (int, float)) else ""
+def lock_held(lock) -> DeployError:
+    holder = lock.who if lock else "someone"
+    what = f" ({lock.what})" if lock and lock.what else ""
+    since = f" for {lock.age:.0f}s" if lock else ""
     return DeployError(f"locked by {holder}{what}{since}",
                        hint="wait for it; if no deploy is running, run fab unlock")
 
 
+PROBLEMS = {  # what the agent finds, and what to do about it
+    Problem.ROOT: ("refusing to deploy as root: the app would run as root",
+                   "deploy as an unprivileged user (fab provision makes one)"),
+    Problem.NO_NGINX: ("nginx is not installed on the server",
+                       "install it: sudo apt-get install nginx (fab provision does)"),
+    Problem.NO_APACHE: ("Apache httpd is not installed on the server",
+                        "install it with fab provision and proxy.kind: apache"),
+    Problem.NO_VENV: ("the server's Python cannot create virtual environments",
+                      "install it: sudo apt-get install python3-venv"),
+    Problem.NOT_PROVISIONED: ("this host is not provisioned for the app: root owns the proxy's site",
+                              "run fab -H root@<host> provision, with the same fabric.yaml"),
+}
+
+
+def check_server(t: Target) -> None:
+    """Stop before anything changes on a host that cannot take a deploy."""
+    for problem in t.facts.problems:
+        what, hint = PROBLEMS[problem]
+        raise DeployError(what, t.host.name, hint=hint)
+    if t.provisioned:
+        check_registration(t)
+
+
+def check_registration(t: Target) -> None:
+    """What provision baked into root's files must still be what the settings say."""
+    registered = t.facts.registration.values
+    if registered.get("user") != t.facts.user:
+        raise DeployError(f"{t.settings.app} on this host is deployed by {registered.get('user')!r}, "
+                          f"not {t.facts.user!r}", t.host.name,
+                          hint=f"connect as {registered.get('user')}, or provision again with provision.user")
+    wanted = provisioning.registration(t.settings, t.facts.user, t.facts.ipv6)
+    changed = [key for key in sorted(set(wanted) | set(registered))
+               if wanted.get(key) != registered.get(key) and key not in provisioning.NOT_COMPARED]
+    if changed:
+        raise DeployError(f"settings that provision installs as root changed ({', '.join(changed)})",
+                          t.host.name, hint="run fab -H root@<host> provision again, with this fabric.yaml")
+
+
 def release_lock(t: Target) -> None:
     """Release our lock, reconnecting once if the connection died."""
-    if not t.locked:
+    if not t.locked or t.layout is None:
         return
     try:
-        t.run(plan.unlock(t.layout), "releasing the deploy lock", warn=True)
+        t.host.execute([ops_phase("unlock", [plan.unlock(t.layout)])])
     except DeployError:
-        t.host.reconnect()
-        t.run(plan.unlock(t.layout), "releasing the deploy lock", warn=True)
+        try:
+            t.host.reconnect()
+            t.host.execute([ops_phase("unlock", [plan.unlock(t.layout)])])
+        except DeployError:
+            return
     t.locked = False
 
 
-def await_wheel(t: Target, cancelled: threading.Event) -> None:
+def ops_phase(name: str, ops: list[Op]) -> Phase:
+    return Phase(name, tuple(ops))
+
+
+# -- preparing ------------------------------------------------------------------------
+
+def await_wheel(t: Target) -> None:
     """The wheel the local build makes (it started before connect); Ctrl-C stops the wait."""
     while True:
         try:
             t.wheel = t.building.result(timeout=0.05)
             return
         except FutureTimeout:
-            if cancelled.is_set():
+            if t.cancelled.is_set():
                 raise DeployError("interrupted while the wheel was being built") from None
 
 
-def check_unchanged(t: Target, force: bool) -> None:
+def check_unchanged(t: Target) -> None:
     """Skip the deploy when the very same wheel already serves."""
-    current = next((r for r in t.releases if r.name == t.current), None)
-    if not force and current and current.meta.get("sha256") == t.wheel.sha256:
+    current = t.facts.current_release if t.facts else None
+    if not t.force and current and current.meta.get("sha256") == t.wheel.sha256:
         t.unchanged = True
 
 
-PROBLEMS = {  # what the agent finds (agent.problems), and what to do about it
-    "root": ("refusing to deploy as root: the app would run as root",
-             "deploy as an unprivileged user with sudo rights (fab provision makes one)"),
-    "no-nginx": ("nginx is not installed on the server",
-                 "install it: sudo apt-get install nginx (fab provision does)"),
-    "no-apache2ctl": ("Apache httpd is not installed on the server",
-                      "install it: sudo apt-get install apache2, then a2enmod proxy_http "
-                      "proxy_balancer lbmethod_byrequests headers"),
-    "no-venv": ("the server's Python cannot create virtual environments",
-                "install it: sudo apt-get install python3-venv"),
-}
-
-
-def check_server(t: Target) -> None:
-    """Stop before anything changes on a host that cannot take a deploy."""
-    for problem in t.facts.get("problems", []):
-        what, hint = PROBLEMS[problem]
-        raise DeployError(what, t.host.name, hint=hint)
-
-
-def upload(t: Target) -> None:
-    """The app's wheel into the release; the dependencies' wheels the host lacks."""
-    t.host.mkdir(t.layout.release(t.release))
-    t.host.put(str(t.wheel.path), f"{t.layout.release(t.release)}/{t.wheel.filename}")
-    t.installer = choose_installer(t)
-    if t.installer.wheelhouse:
-        have = set(t.facts.get("wheelhouse", []))
-        for path in t.wheels:
-            shipped_uv_unused = path.name.startswith("uv-") and not t.installer.uv_wheel
-            if path.name not in have and not shipped_uv_unused:
-                t.host.put(str(path), f"{t.layout.wheelhouse}/{path.name}", atomic=True)
-
-
-def choose_installer(t: Target) -> plan.Installer:
-    """uv if the server has it or we ship it, else pip; from the wheelhouse if enabled."""
-    python, mode = t.settings["python"], t.settings["installer"]
-    server_uv = t.facts.get("uv") if mode in ("auto", "uv") else None
-    if not t.settings["wheelhouse"]:
+def fetch_wheelhouse(t: Target) -> None:
+    """Which installer the host uses; the dependencies' wheels for its platform, fetched here."""
+    python, mode = t.settings.python, t.settings.installer
+    server_uv = t.facts.uv if mode in ("auto", "uv") else None
+    if not t.settings.wheelhouse:
         if mode == "uv" and not server_uv:
             raise DeployError("installer is uv, but the server has no uv", t.host.name,
                               hint="install uv there, enable the wheelhouse, or set installer: auto")
-        return plan.Installer(python, uv=server_uv)
+        t.installer = plan.Installer(python, uv=server_uv)
+        return
     t.wheels = wheelhouse.fetch(t.wheel, servers.packages(t.settings),
                                 wheelhouse.platform_of(t.facts))
     house = t.layout.wheelhouse
     pip_wheel = wheelhouse.tool_wheel(t.wheels, "pip")
     uv_wheel = wheelhouse.tool_wheel(t.wheels, "uv")
     if server_uv or mode == "pip" or uv_wheel is None:
-        return plan.Installer(python, uv=server_uv, wheelhouse=house,
-                              pip_wheel=f"{house}/{pip_wheel.name}")
+        t.installer = plan.Installer(python, uv=server_uv, wheelhouse=house,
+                                     pip_wheel=f"{house}/{pip_wheel.name}")
+        return
     shipped = f"{house}/{uv_wheel.name}"
-    return plan.Installer(python, uv=t.layout.uv_binary(shipped), uv_wheel=shipped, wheelhouse=house)
+    t.installer = plan.Installer(python, uv=t.layout.uv_binary(shipped), uv_wheel=shipped, wheelhouse=house)
 
 
-def create_venv(t: Target) -> None:
+def upload(t: Target) -> list[Op]:
+    """The app's wheel into the release; the dependencies' wheels the host lacks."""
+    release_dir = t.layout.release(t.release)
+    ops: list[Op] = [plan.mkdir(release_dir),
+                     Upload(str(t.wheel.path), f"{release_dir}/{t.wheel.filename}",
+                            t.wheel.path.stat().st_size, what=f"uploading to {release_dir}")]
+    if t.installer.wheelhouse:
+        for path in t.wheels:
+            shipped_uv_unused = path.name.startswith("uv-") and not t.installer.uv_wheel
+            if path.name not in t.facts.wheelhouse and not shipped_uv_unused:
+                remote = f"{t.layout.wheelhouse}/{path.name}"
+                ops.append(Upload(str(path), remote, path.stat().st_size, atomic=True,
+                                  what=f"uploading to {remote}"))
+    return ops
+
+
+def create_venv(t: Target) -> list[Op]:
     """A fresh venv, its Flask instance folder linked to the shared one."""
-    t.run(f"{plan.create_venv(t.installer, t.layout, t.release)}"
-          f" && {plan.link_instance(t.settings, t.layout, t.release)}", "creating the venv",
-          hint="is python3-venv installed?")
+    return [plan.Sh(f"{plan.create_venv(t.installer, t.layout, t.release)}"
+                    f" && {plan.link_instance(t.settings, t.layout, t.release)}",
+                    what="creating the venv", hint="is python3-venv installed?")]
 
 
-def install(t: Target) -> None:
+def install(t: Target) -> list[Op]:
     """The wheel and its dependencies into the venv, byte-compiled before anything runs."""
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
-    like = t.current if any(r.name == t.current for r in t.releases) else None
-    t.run(f"{plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings))}"
-          f" && {plan.compile_bytecode(t.layout, t.release, like)}", "installing the wheel")
+    like = t.current if t.facts.current_release else None
+    return [plan.Sh(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
+                    what="installing the wheel"),
+            plan.compile_bytecode(t.layout, t.release, like)]
 
 
-def write_secret(t: Target) -> None:
-    """Write config.py with a new SECRET_KEY once; later deploys keep it."""
-    if not t.facts.get("config_exists"):
-        t.host.write_secret(t.layout.config_py, secret.new_config(t.secret_key))
+def write_secret(t: Target) -> list[Op]:
+    """config.py with a new SECRET_KEY once; later deploys keep it."""
+    if t.facts.config_exists:
+        return []
+    return [Write(t.layout.config_py, secret.new_config(t.secret_key), mode=0o600, secret=True,
+                  what=f"writing {t.layout.config_py}")]
 
 
-def rotate_secret(t: Target) -> None:
-    """A new SECRET_KEY, the old one kept as a fallback so sessions survive."""
-    text = t.host.read(t.layout.config_py)
-    if text is None:
-        raise DeployError("there is no config.py to rotate yet", hint="deploy first")
-    try:
-        t.host.write_secret(t.layout.config_py, secret.rotate(text, t.secret_key))
-    except (ValueError, SyntaxError) as exc:
-        # Say what is wrong with the file, but never echo its contents.
-        raise DeployError(f"cannot rotate {t.layout.config_py}: {type(exc).__name__}",
-                          hint="fix config.py by hand") from None
-
-
-def reload_releases(t: Target) -> None:
-    """Restart the running releases' workers in place (gunicorn HUP): they reread config.py."""
-    t.run(plan.reload_servers(t.settings, t.layout, t.manager), "reloading the app")
-
-
-def initialise(t: Target) -> None:
+def initialise(t: Target) -> list[Op]:
     """Run init_command once per host: the tutorial's init-db drops its tables."""
-    if t.facts.get("initialized") or not t.settings["init_command"]:
-        return
-    t.run(plan.init_app(t.settings, t.layout, t.release), f"flask {t.settings['init_command']}",
-          hint="fix the app's init command, or set init_command to '' to skip it")
+    if t.facts.initialized or not t.settings.init_command:
+        return []
+    return [plan.init_app(t.settings, t.layout, t.release)]
 
 
-def choose_bind(t: Target) -> str:
+def choose_bind(t: Target, release: str) -> Bind:
     """Each release gets its own socket, so two can run side by side."""
-    setting = t.settings.gunicorn["bind"]
-    if not setting:
-        return f"unix:{t.layout.socket(t.release)}"
-    host, _, port = setting.rpartition(":")
-    if host not in LOOPBACK or not port.isdigit():
-        raise DeployError(f"gunicorn.bind must be a loopback host:port, not {setting!r}",
-                          hint="leave it unset for a unix socket, or use 127.0.0.1:PORT")
+    setting = t.settings.server.bind
+    if setting is None:
+        return Bind.unix(t.layout.socket(release))
     # Two ports, used in turn: the new release takes the one the old lacks.
-    first, second = f"{host}:{port}", f"{host}:{int(port) + 1}"
-    return second if t.facts.get("current_bind") == first else first
+    current = t.facts.current_bind
+    return setting.next_port() if current == setting else setting
 
 
-def configure_server(t: Target) -> None:
-    """The release's server files, and the systemd unit where systemd runs it."""
-    t.bind = choose_bind(t)
-    write_server_files(t, t.release, t.bind)
-    if t.manager == "systemd":
-        ensure_unit(t)
+def configure(t: Target) -> list[Op]:
+    """The release's server files, and its RELEASE.json, aside until the switch."""
+    t.bind = choose_bind(t, t.release)
+    return [*server_files(t, t.release, t.bind), plan.write_meta(t.layout, t.release, release_meta(t))]
 
 
-def write_server_files(t: Target, release: str, bind: str) -> None:
+def configure_rollback(t: Target) -> list[Op]:
+    """The old release's server files again: over TCP it may get the other port."""
+    t.bind = choose_bind(t, t.release)
+    return server_files(t, t.release, t.bind)
+
+
+def server_files(t: Target, release: str, bind: Bind) -> list[Op]:
     """What starts a release's server on `bind`: its serve script, BIND, gunicorn.conf.py."""
-    if t.settings["server"] == "gunicorn":
-        t.host.write(t.layout.gunicorn_conf(release),
-                     render.gunicorn_conf(t.settings, t.layout, release, bind))
-    t.host.write(t.layout.serve(release),
-                 servers.serve_script(t.settings, t.layout, release, bind), mode=0o755)
-    t.host.write(t.layout.bind_file(release), bind + "\n")
+    files = []
+    if t.settings.server.kind == "gunicorn":
+        files.append(Write(t.layout.gunicorn_conf(release),
+                           render.gunicorn_conf(t.settings, t.layout, release, bind),
+                           what=f"writing {t.layout.gunicorn_conf(release)}"))
+    files.append(Write(t.layout.serve(release), servers.serve_script(t.settings, t.layout, release, bind),
+                       mode=0o755, what=f"writing {t.layout.serve(release)}"))
+    files.append(Write(t.layout.bind_file(release), bind.gunicorn + "\n",
+                       what=f"writing {t.layout.bind_file(release)}"))
+    return files
 
 
-def ensure_unit(t: Target) -> None:
-    """The systemd unit as fabdeploy renders it: installed by root, never by the deploy user.
-
-    Whoever writes a unit chooses its User=, so a deploy user allowed to
-    install one is root. `provision` installs it; a deploy only checks it,
-    and installs it only where the user has full sudo anyway.
-    """
-    unit = render.systemd_unit(t.settings, t.layout, t.facts.get("user") or t.host.conn.user)
-    path = plan.unit_path(t.settings)
-    if t.host.dry_run or t.host.read(path) == unit:
-        return
-    tmp = f"{t.layout.state}/{t.settings.app}@.service.new"
-    t.host.write(tmp, unit)
-    result = t.run(f"{plan.install_file(tmp, path)} && {plan.daemon_reload()}",
-                   f"installing {path}", warn=True)
-    if result.failed:
-        raise DeployError(f"the systemd unit {path} is missing or out of date, and only root "
-                          "may install it", t.host.name,
-                          hint="run fab -H root@<host> provision (with the same settings)")
-
-
-def record_release(t: Target) -> None:
-    meta = {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
+def release_meta(t: Target) -> dict:
+    return {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
             "sha256": t.wheel.sha256, "deployed_at": now(), "deployed_by": who()}
-    # Aside until the switch renames it into place: a release killed before then stays
-    # partial, so neither rollback nor a later deploy's cleanup mistakes it for a good one.
-    t.host.write(t.layout.meta(t.release) + ".pending", json.dumps(meta, indent=2) + "\n")
-    t.facts["releases"].append({"name": t.release, "state": "ready", "meta": meta})
 
 
-def start_release(t: Target) -> None:
-    """Start the release on its own socket and wait until it answers 2xx."""
-    start_server(t, t.release)
+def start(t: Target) -> list[Op]:
+    """Start the release on its own socket; it must answer 2xx before anything else moves."""
     t.started = True
-    healthy(t, t.release)
+    check = plan.health(t.settings, t.layout, t.release, t.bind, t.manager)
+    return [plan.start_server(t.settings, t.layout, t.release, t.manager),
+            dataclasses.replace(check, what=f"release {t.release} is unhealthy")]
 
 
-def start_server(t: Target, release: str) -> None:
-    t.run(plan.start_server(t.settings, t.layout, release, t.manager), f"starting release {release}")
+# -- switching ----------------------------------------------------------------------------
+
+def site_shape(t: Target, active: Bind, backup: Bind | None) -> render.SiteShape:
+    preview = t.settings.proxy.kind == "nginx" and active.is_unix
+    return render.SiteShape(release=t.release, active=active, backup=backup,
+                            preview_map=t.layout.preview_map if preview else None,
+                            next_socket=t.layout.next_socket if preview else None)
 
 
-def healthy(t: Target, release: str) -> None:
-    timeout = float(t.settings["health_timeout"])
-    result = t.run(plan.health(t.settings, t.layout, release, t.bind, t.manager, timeout),
-                   "health check", warn=True)
-    if result is None or result.ok:
-        return
-    log = t.run(plan.tail_log(t.layout.app_log, 400), "reading the app's log", query=True)
-    answer = result.stdout.strip().removeprefix("unhealthy: ")
-    raise DeployError(f"release {release} is unhealthy: {answer}", t.host.name,
-                      hint="the old release keeps serving; see the app's error above",
-                      detail=app_error(this_run(log.stdout, release)) if log and log.stdout.strip() else None)
+def local_site(t: Target, active: Bind, backup: Bind | None, reload: bool = False) -> list[Op]:
+    """A proxy the deploy user runs itself: its site, installed only when it changes."""
+    proxy = t.settings.proxy
+    text = render.proxy_site(t.settings, site_shape(t, active, backup))
+    if not reload and hashlib.sha256(text.encode()).hexdigest() == t.facts.site_sha256:
+        return []
+    ops: list[Op] = [Site(proxy.site_path, text, proxy.test_command, proxy.reload_command,
+                          pid_file=proxy.pid_file or None, reload_nginx=proxy.kind == "nginx",
+                          what=f"routing {proxy.kind}")]
+    if t.facts.preview_unloaded:
+        ops.append(plan.Remove((f"{t.layout.state}/preview.unloaded",), what="noting the preview token"))
+    return ops
 
 
-def this_run(log: str, release: str) -> str:
-    """The shared log's lines since the release last started (its serve script's marker)."""
-    marker = servers.start_marker(release) + "\n"
-    return log.rsplit(marker, 1)[1] if marker in log else log
+def preview_map(t: Target) -> str:
+    return SystemPaths(t.settings.app).preview_map if t.provisioned else t.layout.preview_map
+
+
+def route(t: Target) -> list[Op]:
+    """Send the proxy's traffic to the started release; with nginx, checked through it first.
+
+    Over unix sockets the site connects through shared/run/live.sock, and the
+    switch renames that link: no reload, which would drop requests on
+    keep-alive connections. nginx first shows the release through its
+    preview (next.sock), and only a release that answers 2xx there gets the
+    live link. Over TCP the site names the release's port, with the old one
+    as backup, and is reloaded (by root's helper on a provisioned host).
+    """
+    t.checked = False
+    if t.settings.proxy.kind == "none":
+        return cold_switch(t)
+    old = t.facts.current_bind
+    if not t.bind.is_unix:
+        if t.provisioned:
+            return [Helper(t.settings.app, ("route-tcp", str(t.bind.port)), what=f"routing {t.settings.proxy.kind}")]
+        return local_site(t, t.bind, old, reload=True)
+    live = Bind.unix(t.layout.live_socket)
+    ops = [] if t.provisioned else local_site(t, live, live, reload=t.facts.preview_unloaded)
+    if t.settings.proxy.kind != "nginx":  # Apache's site has no preview: verify comes after
+        return ops + [Link(t.layout.live_socket, t.bind.path, what="switching the live socket")]
+    t.checked = True
+    stamp = render.stamp(t.settings, live) + render.NEXT
+    check = plan.health_via_proxy(t.settings, stamp, 10, preview_map(t))
+    return ops + [Link(t.layout.next_socket, t.bind.path, what="pointing the preview at the release"),
+                  dataclasses.replace(check, what=f"release {t.release} failed its check through nginx "
+                                                  f"before the switch"),
+                  Link(t.layout.live_socket, t.bind.path, what="switching the live socket")]
+
+
+def verify(t: Target) -> list[Op]:
+    """No preview (Apache, TCP binds): after the switch, the release through the proxy."""
+    expected = render.stamp(t.settings, t.bind)
+    return [plan.health_via_proxy(t.settings, expected, 10)]
+
+
+def needs_verify(t: Target) -> bool:
+    return t.settings.proxy.enabled and not t.checked
+
+
+def switch_back(t: Target) -> list[Op]:
+    """The old release again, after the new one failed behind the proxy."""
+    old = t.facts.current_bind
+    if old is None:
+        return []
+    if not old.is_unix:
+        if t.provisioned:
+            return [Helper(t.settings.app, ("route-tcp", str(old.port)), what="switching back")]
+        return local_site(t, old, None, reload=True)
+    return [Link(t.layout.live_socket, old.path, what="switching back")]
+
+
+def switch_back_to(t: Target, new: str) -> list[Op]:
+    """All the way back: traffic, `current` and the boot unit to t.release, from `new`."""
+    old = t.facts.release(t.release)
+    route_back = []
+    if old and old.bind and old.bind.is_unix:
+        route_back = [Link(t.layout.live_socket, old.bind.path, what="switching the live socket back")]
+    elif old and old.bind and t.provisioned:
+        route_back = [Helper(t.settings.app, ("route-tcp", str(old.bind.port)), what="switching back")]
+    elif old and old.bind:
+        route_back = local_site(t, old.bind, None, reload=True)
+    return [*route_back, *plan.publish(t.settings, t.layout, t.release, new, [t.release], t.manager),
+            audit_op(t, "switch-back", previous=new)]
+
+
+def cold_switch(t: Target) -> list[Op]:
+    """No proxy to move: stop the old release, start the new one on the public address.
+
+    Requests in between fail; the README gives the measured gap.
+    """
+    new, old = t.release, t.current
+    public = t.settings.server.public_bind
+    ops = [plan.stop_and_wait(t.settings, t.layout, new, t.manager)]
+    if old:
+        ops.append(plan.stop_and_wait(t.settings, t.layout, old, t.manager))
+    ops += server_files(t, new, public)
+    ops.append(plan.start_server(t.settings, t.layout, new, t.manager))
+    check = plan.health_direct(t.settings, t.settings.health_timeout)
+    ops.append(dataclasses.replace(check, what=f"release {new} is unhealthy on {public.address}"))
+    return ops
+
+
+def restart_old_publicly(t: Target) -> list[Op]:
+    """After a failed cold switch: the old release back on the public address."""
+    old = t.current
+    if not old:
+        return []
+    public = t.settings.server.public_bind
+    return [plan.stop_and_wait(t.settings, t.layout, t.release, t.manager),
+            *server_files(t, old, public), plan.start_server(t.settings, t.layout, old, t.manager),
+            plan.health_direct(t.settings, t.settings.health_timeout)]
+
+
+def switch(t: Target) -> list[Op]:
+    """Make the release current, keep the old one warm as the proxy's backup, log it."""
+    old = t.current
+    warm = old and t.settings.keep_previous_running and t.settings.proxy.enabled
+    keep = [t.release] + ([old] if warm else [])
+    return [*plan.publish(t.settings, t.layout, t.release, old, keep, t.manager),
+            audit_op(t, t.action, previous=old)]
+
+
+def switched(t: Target, results: dict) -> None:
+    t.switched = True
+    t.old = t.current
+    meta = t.facts.release(t.release)
+    releases = t.facts.releases if meta else t.facts.releases + (
+        Release(t.release, ReleaseState.READY, release_meta(t) if t.wheel else {}, t.bind),)
+    t.facts = dataclasses.replace(t.facts, current=t.release, releases=releases)
+
+
+def cleanup(t: Target) -> list[Op]:
+    """Remove releases beyond keep_releases, and release the lock: the deploy is done."""
+    doomed = releases_to_remove(list(t.releases), t.current, t.settings.keep_releases)
+    steps = plan.remove_releases(t.settings, t.layout, doomed, t.manager) if doomed else []
+    return [*steps, plan.unlock(t.layout)]
+
+
+def unlocked(t: Target, results: dict) -> None:
+    t.locked = False
+
+
+def audit_op(t: Target, event: str, **details):
+    return plan.audit(t.settings, t.layout, audit_entry(t, event, **details), t.provisioned)
+
+
+def audit_entry(t: Target, event: str, **details) -> dict:
+    """Who did what, when, to which release and wheel: one line of the audit log."""
+    entry = {"event": event, "who": who(), "when": now(), "release": t.release or None, **details}
+    if t.wheel is not None:
+        entry["sha256"] = t.wheel.sha256
+    else:
+        meta = t.facts.release(t.release) if t.facts else None
+        entry["sha256"] = meta.meta.get("sha256") if meta else None
+    return entry
+
+
+def abandon(t: Target, reason: str) -> list[Op]:
+    """A release that will not go live: stop it, mark it, say so in the log."""
+    ops: list[Op] = [audit_op(t, "failed", reason=reason)]
+    if t.started:
+        ops.append(plan.stop_server(t.settings, t.layout, t.release, t.manager))
+    ops.append(plan.mark_failed(t.layout, t.release, f"{now()} {reason}"))  # if it got a directory
+    return ops
+
+
+def stop_release(t: Target, release: str) -> list[Op]:
+    return [plan.stop_server(t.settings, t.layout, release, t.manager)]
+
+
+# -- turning the agent's failures into one clear line --------------------------------------
+
+def explain(t: Target, op: Op, error: dict) -> DeployError:
+    """The failing op and what the agent said about it, as the user reads it."""
+    name, proxy = t.host.name, t.settings.proxy.kind
+    output = (error.get("stderr") or "").strip() or (error.get("stdout") or "").strip()
+    if error.get("disk_full") or disk_full(output + error.get("message", "")):
+        return DeployError(f"{op.what} failed: the server's disk is full (the old release keeps serving)",
+                           name)
+    if isinstance(op, Health):
+        answer = error.get("unhealthy") or error.get("message", "")
+        if op.preview_map:
+            return DeployError(f"{op.what}: {answer}", name,
+                               hint="nothing was switched: the old release keeps serving")
+        if op.stamp:
+            hint = None
+            if "X-Fabdeploy-Site" in answer:
+                hint = (f"another {proxy} site answers for this name, e.g. Debian's stock default site: "
+                        f"remove it (fab provision does) or set proxy.server_name")
+            return DeployError(f"{op.what} failed: {answer}", name, hint=hint)
+        log = error.get("log") or ""
+        return DeployError(f"{op.what}: {answer}", name,
+                           hint="the old release keeps serving; see the app's error above",
+                           detail=app_error(log) if log.strip() else None)
+    if isinstance(op, Site):
+        if error.get("rejected"):
+            return DeployError(f"{proxy} rejected the configuration", name,
+                               hint=f"fix {proxy}'s configuration; nothing was switched",
+                               detail=tail(output) or None)
+        if error.get("stale"):
+            return DeployError(f"{proxy} still serves its old configuration after a reload", name,
+                               hint=f"a reload {proxy} cannot apply is only logged: see {proxy}'s error log")
+    if isinstance(op, Helper):
+        return DeployError(f"{op.what} failed ({first_line(output) or error.get('message')})", name,
+                           hint=op.hint or "is the host provisioned with this fabric.yaml? "
+                                           "run fab -H root@<host> provision")
+    how = error.get("message") or "failed"
+    return DeployError(f"{op.what} failed ({how})", name, hint=op.hint, detail=tail(output) or None)
+
+
+def first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix("fabdeploy-helper: ") if lines else ""
+
+
+def disk_full(output: str) -> bool:
+    return "No space left on device" in output or "Errno 28" in output or "os error 28" in output
 
 
 def app_error(log: str, lines: int = 20) -> str:
@@ -367,177 +578,96 @@ def app_error(log: str, lines: int = 20) -> str:
     return "\n".join(text[:lines])
 
 
-# -- switching --------------------------------------------------------------
+# -- the sequences --------------------------------------------------------------------------------
 
-def route_traffic(t: Target, release: str, active: str, backup: str | None,
-                  check: bool = True) -> bool:
-    """Send the proxy's traffic to `active`; `check`: through nginx's preview first.
+def always(t: Target) -> bool:
+    return True
 
-    True when the release was checked that way (a check after the switch
-    would see nothing new).
 
-    Over unix sockets the site points at shared/run/live.sock, and the switch
-    renames that link: no reload, which would drop requests on keep-alive
-    connections. The site itself is installed only when it changes. nginx
-    first shows the release through its preview (next.sock), and only a
-    release that answers 2xx there gets the live link. Over TCP the site
-    names `active`, with `backup` taking what it refuses, and is reloaded.
-    If the proxy rejects a site, the previous one is put back.
+@dataclass(frozen=True)
+class Step:
+    """One phase as declared: its printed name, its function, and when it applies.
+
+    Remote phases return ops; `done` then reads the agent's results. Local
+    phases do their work in `fn` and return nothing. A phase's line is
+    printed as it ends; with `shown`, only once `done` ran and if it says so.
     """
-    if not active.startswith("unix:"):
-        install_site(t, render.proxy_site(t.settings, release, active, backup))
-        return False
-    live, socket = f"unix:{t.layout.live_socket}", active[len("unix:"):]
-    preview = t.settings["proxy"] == "nginx"  # Apache's site has none
-    site = render.proxy_site(t.settings, release, live, live, t.layout if preview else None)
-    # A new preview token (a fresh deploy_to) is nginx's only after a reload.
-    unloaded = preview and t.facts.get("preview_unloaded", False)
-    if install_site(t, site, reload=unloaded) and unloaded:
-        t.run(plan.remove_file(t.layout.preview_unloaded), "noting the preview token as loaded")
-        t.facts["preview_unloaded"] = False
-    if not (preview and check):  # no preview, or back to what served a moment ago: at once
-        t.run(plan.switch_link(t.layout.live_socket, socket), "switching the live socket")
-        return False
-    stamp = render.stamp(t.settings, release, live) + render.NEXT
-    result = t.run(plan.preview_then_switch(t.settings, t.layout, socket, stamp, 10),
-                   "checking the release through nginx, then switching", warn=True)
-    if result is None or result.ok:
-        return True
-    answer = result.stdout.strip()
-    if answer.startswith("unhealthy: "):
-        raise DeployError(f"release {release} failed its check through nginx before the switch: "
-                          f"{answer.removeprefix('unhealthy: ')}", t.host.name,
-                          hint="nothing was switched: the old release keeps serving")
-    raise DeployError(f"switching to release {release} failed (exit {result.exited})", t.host.name,
-                      detail=tail(result.stdout + result.stderr) or None)
+
+    name: str
+    fn: Callable
+    remote: bool = True
+    when: Callable[[Target], bool] = always
+    done: Callable[[Target, dict], None] | None = None
+    shown: Callable[[Target], bool] | None = None
+    printed: bool = True
 
 
-def install_site(t: Target, site_text: str, reload: bool = False) -> bool:
-    """Install, test and reload the proxy's site, unless it is already exactly this
-    (and no `reload` is asked for). True if the proxy was reloaded."""
-    name = t.settings["proxy"]
-    site = t.settings.proxy["site_path"]
-    if not t.host.dry_run and not reload and t.host.read(site) == site_text:
-        return False
-    tmp = f"{t.layout.state}/site.conf.new"
-    t.host.write(tmp, site_text)
-    result = t.run(plan.route(t.settings, tmp, site, f"{t.layout.state}/site.conf.prev"),
-                   f"routing {name}", warn=True)
-    if result is None or result.ok:
-        return result is not None
-    output = tail(result.stdout + result.stderr)
-    if result.exited == plan.PROXY_REJECTED:
-        raise DeployError(f"{name} rejected the configuration", t.host.name,
-                          hint=f"fix {name}'s configuration; nothing was switched", detail=output)
-    if result.exited == plan.PROXY_STALE:
-        raise DeployError(f"{name} still serves its old configuration after a reload", t.host.name,
-                          hint=f"a reload {name} cannot apply is only logged: see {name}'s error log")
-    raise DeployError(f"routing {name} failed (exit {result.exited})", t.host.name,
-                      hint=f"allow passwordless sudo for install and the {name} commands, "
-                           "or make the site's directory writable", detail=output)
+def changed(t: Target) -> bool:
+    return not t.unchanged
 
 
-def serve_publicly(t: Target, release: str) -> None:
-    """proxy: none: run `release` on the public address, checked there, or raise."""
-    t.release, t.bind = release, t.settings["direct"]["bind"]
-    write_server_files(t, release, t.bind)
-    start_server(t, release)
-    result = t.run(plan.health_direct(t.settings, t.bind, float(t.settings["health_timeout"])),
-                   "health check on the public address", warn=True)
-    if result is not None and result.failed:
-        t.run(plan.stop_and_wait(t.settings, t.layout, release, t.manager), "stopping it", warn=True)
-        raise DeployError(f"release {release} is unhealthy on {t.bind}: {result.stdout.strip()}",
-                          t.host.name)
+def not_yet_locked(t: Target) -> bool:
+    return not t.locked
 
 
-def cold_switch(t: Target, old: str | None) -> None:
-    """No proxy to move: stop the old release, start the new one on the public address.
-
-    Requests in between fail; the README gives the measured gap. If the new
-    release does not answer there, the old one is started again.
-    """
-    new = t.release
-    t.run(plan.stop_and_wait(t.settings, t.layout, new, t.manager), "stopping the checked release")
-    if old:
-        t.run(plan.stop_and_wait(t.settings, t.layout, old, t.manager), f"stopping release {old}")
-    try:
-        serve_publicly(t, new)
-    except DeployError:
-        if old:
-            serve_publicly(t, old)
-            t.release = new
-        raise
+def real_run(t: Target) -> bool:
+    return not t.host.dry_run
 
 
-def restore_site(t: Target) -> None:
-    """Put back the site the last route replaced (or remove ours, if there was none)."""
-    saved = f"{t.layout.state}/site.conf.prev"
-    t.run(f"{plan.restore_copy(t.settings.proxy['site_path'], saved)} && "
-          f"{plan.reload_proxy(t.settings)}", "restoring the proxy's site", warn=True)
+def laid_out(t: Target) -> bool:
+    """After the early lock: its line is printed only where it did lock."""
+    return t.locked
 
 
-def publish(t: Target, old: str | None, event: str) -> None:
-    """Make the release current, keep the old one warm as nginx's backup, log it."""
-    warm = old and t.settings["keep_previous_running"] and t.settings["proxy"] != "none"
-    keep = [t.release] + ([old] if warm else [])
-    log = plan.audit(t.layout, audit_entry(t, event, previous=old))
-    t.run(f"{plan.publish(t.settings, t.layout, t.release, old, keep, t.manager)}; {log}",
-          "switching current")
-    t.switched = True
-    t.facts["current"] = t.release
+CONNECT = Step("connect", connect, remote=False)
+LOCK = Step("lock", lock, done=locked)
+
+# Deploy, as the README numbers it. The wheel builds meanwhile (from before connect);
+# a host deployed to before is locked while it builds, a fresh one once it exists.
+PREPARE = (
+    CONNECT,
+    Step("lock", lock_while_building, when=real_run, done=locked, shown=laid_out),
+    Step("build", await_wheel, remote=False),
+    Step("lock", lock, when=not_yet_locked, done=locked),
+    Step("check", check_unchanged, remote=False, printed=False),
+    Step("wheelhouse", fetch_wheelhouse, remote=False, when=changed),
+)
+INSTALL = (
+    Step("upload", upload),
+    Step("venv", create_venv),
+    Step("install", install),
+    Step("secret", write_secret),
+    Step("init", initialise),
+    Step("configure", configure),
+    Step("start", start),
+)
+GO_LIVE = (
+    Step("route", route),
+    Step("verify", verify, when=needs_verify),
+    Step("switch", switch, done=switched),
+)
+FINISH = (Step("cleanup", cleanup, done=unlocked),)
 
 
-def stop_release(t: Target, release: str | None) -> None:
-    if release:
-        t.run(plan.stop_server(t.settings, t.layout, release, t.manager),
-              f"stopping release {release}", warn=True)
 
 
-def verify_through_proxy(t: Target) -> None:
-    """The health path through the proxy answers 2xx, from the release we switched to."""
-    name = t.settings["proxy"]
-    release = t.release or t.current  # rotate-secret checks what serves already
-    expected = render.stamp(t.settings, release, t.bind or t.facts.get("current_bind") or "unix:")
-    result = t.run(plan.health_via_proxy(t.settings, expected, 10), f"health check through {name}",
-                   warn=True)
-    if result is None or result.ok:
+def pick_target(t: Target) -> None:
+    """The release a rollback goes to: --release, else the newest good one before current."""
+    good = {rel.name for rel in t.releases if rel.good}
+    wanted = t.release
+    if wanted:
+        if wanted not in good:
+            raise DeployError(f"release {wanted} is not a good release on this host", hint="see fab releases")
+        if wanted == t.current:
+            raise DeployError(f"release {wanted} is already current")
         return
-    answer = result.stdout.strip()
-    hint = None
-    if "X-Fabdeploy-Site" in answer:
-        hint = (f"another {name} site answers for this name, e.g. Debian's stock default site: "
-                f"remove it (fab provision does) or set {name}.server_name")
-    raise DeployError(f"health check through {name} failed: {answer}", t.host.name, hint=hint)
+    before = previous_release(list(t.releases), t.current)
+    if before is None:
+        raise DeployError("nothing to roll back to: there is no earlier good release",
+                          hint="deploy a fixed release instead")
+    t.release = before.name
 
 
-def cleanup(t: Target) -> list[str]:
-    """Remove releases beyond keep_releases, and release the lock: the deploy is done."""
-    doomed = releases_to_remove(t.releases, t.current, int(t.settings["keep_releases"]))
-    steps = [plan.remove_releases(t.settings, t.layout, doomed, t.manager)] if doomed else []
-    t.run("; ".join([*steps, plan.unlock(t.layout)]), "removing old releases")
-    t.locked = False
-    return doomed
-
-
-def audit_entry(t: Target, event: str, **details) -> dict:
-    """Who did what, when, to which release and wheel: one line of the audit log."""
-    entry = {"event": event, "who": who(), "when": now(), "release": t.release or None, **details}
-    if t.wheel is not None:
-        entry["sha256"] = t.wheel.sha256
-    else:
-        meta = next((r.meta for r in t.releases if r.name == t.release), {})
-        entry["sha256"] = meta.get("sha256")
-    return entry
-
-
-def audit(t: Target, event: str, **details) -> None:
-    t.run(plan.audit(t.layout, audit_entry(t, event, **details)), "writing the audit log", warn=True)
-
-
-def mark_failed(t: Target, reason: str) -> None:
-    """Stop and mark a release that did not make it, so nothing picks it again."""
-    if t.started:
-        stop_release(t, t.release)
-        t.started = False
-    t.run(plan.mark_failed(t.layout, t.release, f"{now()} {reason}"),
-          "marking the release failed", warn=True)
+ROLLBACK_PREPARE = (CONNECT, LOCK, Step("pick", pick_target, remote=False, printed=False),
+                    Step("configure", configure_rollback), Step("start", start))
+UNLOCK = (Step("unlock", lambda t: [plan.unlock(t.layout)], done=unlocked, printed=False),)
