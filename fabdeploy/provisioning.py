@@ -1,41 +1,42 @@
-"""Prepare a fresh Debian or Ubuntu server for deploys: packages, user, sudo, nginx.
+"""Prepare a Debian or Ubuntu server for an app, as root: everything root must own. No I/O here.
 
-Each step is a check and an action. The action runs only where the check
-fails, so a second run changes nothing and says so.
+The trust boundary: root installs, once, everything that root parses or
+runs for the app (the proxy's site, the units, the sudo rule, the helper,
+the record of what it baked in), and none of it is the deploy user's to
+write. The deploy user may then run exactly one program as root, the
+helper, for this app only; the helper takes its facts from root's record.
+
+Each step is a check and an action (or a root file installed only when it
+differs), so a second run changes nothing and says so.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from shlex import quote
 
-from . import plan, render
-from .plan import STOCK_SITE
+from . import onhost, render
 from .errors import DeployError
-from .layout import STATE_DIR, Layout
+from .layout import HELPER, Layout, SystemPaths
+from .model import Bind
+from .ops import Install, Op, Query, Sh
 from .settings import Settings
 
-# A release's name, 20261121-103700-123 (layout.release_name), as a sudoers pattern.
-RELEASE_PATTERN = "-".join("[0-9]" * n for n in (8, 6, 3))
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    check: str   # exits 0 when nothing needs doing
-    action: str
-
-    def command(self, sudo: str) -> str:
-        """One round trip: check, act if needed, and say which."""
-        wrap = (lambda c: f"{sudo}sh -c {quote(c)}") if sudo else (lambda c: c)
-        return (f"if {wrap(self.check)} >/dev/null 2>&1; then echo unchanged;"
-                f" else {wrap(self.action)} && echo changed; fi")
+PROXY_USER = "www-data"  # nginx's and Apache's workers on Debian
+STOCK_SITE = "/etc/nginx/sites-enabled/default"  # Debian's, the default_server on port 80
+OUR_RULE = re.compile(rf"^\(root\) NOPASSWD: {re.escape(HELPER)} [a-z_][a-z0-9_-]* \*$")
+SUDO_GROUPS = ("sudo", "admin", "wheel")
+HELPER_VERSION = 1
+# Kept in the record for the helper and for people, but a change needs no new provision.
+NOT_COMPARED = {"version", "ipv6", "server", "app", "user", "site", "audit_log"}
 
 
 def public_key(settings: Settings, key_filename: str | list | None) -> str:
     """The key the deploy user will log in with: configured, or next to the SSH key in use."""
-    configured = settings["provision"]["public_key"]
+    configured = settings.provision.public_key
     candidates = [configured] if configured else []
     for key in ([key_filename] if isinstance(key_filename, str) else key_filename or []):
         candidates.append(f"{key}.pub")
@@ -48,80 +49,306 @@ def public_key(settings: Settings, key_filename: str | list | None) -> str:
                       hint="set fabdeploy.provision.public_key to a .pub file")
 
 
-def absolute_root(settings: Settings, user: str) -> str:
-    """deploy_to, with ~/ taken to be /home/<user>, useradd's default."""
-    root = settings["deploy_to"]
-    return f"/home/{user}/{root[2:]}" if root.startswith("~/") else root
+def absolute_root(settings: Settings, home: str) -> str:
+    """deploy_to, with ~/ the deploy user's home."""
+    root = settings.deploy_to
+    return f"{home.rstrip('/')}/{root[2:]}" if root.startswith("~/") else root
+
+
+def tcp_ports(settings: Settings) -> list[int] | None:
+    bind = settings.server.bind
+    return [bind.port, bind.port + 1] if bind else None
+
+
+def registration(settings: Settings, user: str, ipv6: bool, home: str | None = None) -> dict:
+    """What provision bakes into root's files for the app, recorded for the helper and the deploy."""
+    paths = SystemPaths(settings.app)
+    return {
+        "version": HELPER_VERSION,
+        "app": settings.app,
+        "user": user,
+        "group": settings.group,
+        "deploy_to": absolute_root(settings, home or f"/home/{user}"),
+        "proxy": settings.proxy.kind,
+        "listen": [listen.nginx for listen in settings.proxy.listen],
+        "server_name": list(settings.proxy.server_name),
+        "tcp_ports": tcp_ports(settings),
+        "graceful_timeout": settings.server.graceful_timeout,
+        "server": settings.server.kind,
+        "ipv6": ipv6,
+        "site": paths.site(settings.proxy.kind) if settings.proxy.enabled else None,
+        "audit_log": paths.audit_log,
+    }
+
+
+# -- what root sees of the host before it provisions ------------------------------------------
+
+@dataclass(frozen=True)
+class RootFacts:
+    """What provision needs to know first: the user, their sudo rights, the host."""
+
+    user_exists: bool
+    home: str
+    sudo_rules: tuple[str, ...]
+    groups: tuple[str, ...]
+    sudoers_files: dict        # path -> text, for files in /etc/sudoers.d that name the user
+    main_sudoers_lines: tuple[str, ...]
+    ipv6: bool
+    systemd: bool
+
+    @classmethod
+    def parse(cls, data: dict) -> "RootFacts":
+        return cls(user_exists=data["user_exists"], home=data["home"] or "",
+                   sudo_rules=tuple(sudo_rules(data["sudo_l"])), groups=tuple(data["groups"].split()),
+                   sudoers_files=data["sudoers_files"], main_sudoers_lines=tuple(data["main_lines"]),
+                   ipv6=data["ipv6"], systemd=data["systemd"])
+
+
+def root_facts(user: str) -> Query:
+    """One command, as root: the user, what sudo grants them, and where it comes from."""
+    script = f"""
+import json, os, pwd, re, subprocess
+user = {user!r}
+try:
+    home = pwd.getpwnam(user).pw_dir
+except KeyError:
+    home = None
+run = lambda *a: subprocess.run(a, capture_output=True, text=True).stdout
+named = re.compile(r"^\\s*" + re.escape(user) + r"\\s", re.M)
+files = {{}}
+for name in sorted(os.listdir("/etc/sudoers.d")) if os.path.isdir("/etc/sudoers.d") else []:
+    path = os.path.join("/etc/sudoers.d", name)
+    try:
+        text = open(path).read()
+    except OSError:
+        continue
+    if named.search(text):
+        files[path] = text
+main = open("/etc/sudoers").read() if os.path.exists("/etc/sudoers") else ""
+print(json.dumps({{
+    "user_exists": home is not None, "home": home,
+    "sudo_l": run("sudo", "-l", "-U", user) if home else "",
+    "groups": run("id", "-nG", user) if home else "",
+    "sudoers_files": files,
+    "main_lines": [l for l in main.splitlines() if named.match(l)],
+    "ipv6": os.path.exists("/proc/net/if_inet6"),
+    "systemd": os.path.isdir("/run/systemd/system")}}))
+"""
+    return Query(f"python3 -c {quote(script)}", key="root", what="reading the host as root")
+
+
+def sudo_rules(listing: str) -> list[str]:
+    """The rules of `sudo -l -U user`: the indented lines after 'may run the following commands'."""
+    rules, inside = [], False
+    for line in listing.splitlines():
+        if "may run the following commands" in line:
+            inside = True
+            continue
+        if inside and line.startswith((" ", "\t")) and line.strip():
+            rules.append(" ".join(line.split()))
+        elif inside and line.strip():
+            inside = False
+    return rules
+
+
+def broader_sudo(facts: RootFacts) -> list[str]:
+    """Every sudo right of the user's that is not a fabdeploy helper rule, and where it comes from."""
+    found = [f"the {g} group" for g in facts.groups if g in SUDO_GROUPS]
+    found += [path for path in facts.sudoers_files if not os.path.basename(path).startswith("fabdeploy-")]
+    found += ["/etc/sudoers" for _ in facts.main_sudoers_lines[:1]]
+    if not found and any(not OUR_RULE.match(rule) for rule in facts.sudo_rules):
+        found.append("sudo -l")  # from somewhere else: an alias, a group rule
+    return found
+
+
+def replace_sudo(facts: RootFacts, user: str) -> list[Op]:
+    """--replace-sudo: take away every broader right; refuse what cannot be taken away whole."""
+    if facts.main_sudoers_lines:
+        raise DeployError(f"/etc/sudoers itself grants {user} rights: "
+                          f"{facts.main_sudoers_lines[0].strip()}", hint="remove that line with visudo")
+    ops: list[Op] = []
+    for group in facts.groups:
+        if group in SUDO_GROUPS:
+            ops.append(Sh(f"gpasswd -d {quote(user)} {quote(group)}", what=f"taking {user} out of {group}"))
+    for path, text in facts.sudoers_files.items():
+        if os.path.basename(path).startswith("fabdeploy-"):
+            continue
+        rules = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if any(not line.lstrip().startswith(user) for line in rules if not line.lstrip().startswith("Defaults")):
+            raise DeployError(f"{path} grants sudo rights to others too", hint="edit it by hand with visudo")
+        ops.append(Sh(f"rm -f {quote(path)}", what=f"removing {path}"))
+    return ops
+
+
+# -- the steps ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """One provisioning step: its name, as printed, and the op that checks and acts."""
+
+    name: str
+    op: Op
+
+
+def checked(name: str, check: str, action: str) -> Step:
+    """A step that acts only where its check fails, and says which it did."""
+    return Step(name, Sh(f"if {{ {check}; }} >/dev/null 2>&1; then echo unchanged;"
+                         f" else {{ {action}; }} && echo changed; fi", key=name,
+                         what=f"provisioning {name}", hint="provision needs root"))
+
+
+def installed(name: str, op: Install) -> Step:
+    return Step(name, Install(**{**{f: getattr(op, f) for f in op.__dataclass_fields__}, "key": name,
+                                 "what": f"provisioning {name}"}))
 
 
 def sudoers(settings: Settings, user: str) -> str:
-    """Exactly the commands deploy, rollback and logs run as root; nothing else.
+    """One rule: the helper, for this app. The helper checks every argument itself."""
+    return (f"# Written by fabdeploy provision: {user} may run fabdeploy's root helper for "
+            f"{settings.app}, nothing else.\n"
+            f"{user} ALL=(root) NOPASSWD: {HELPER} {settings.app} *\n")
 
-    A deploy_to under ~/ is taken to be under /home/<user>, useradd's default.
+
+def helper_text() -> str:
+    return "#!/usr/bin/python3 -IS\n" + onhost.program("helper").decode()
+
+
+def make_app_dir(root: str, user: str, group: str) -> str:
+    """deploy_to, the user's and the app group's, 0750; never through a symlink.
+
+    Under the user's home, the user makes it (as root, a link planted
+    there could point mkdir anywhere). Elsewhere every parent must be
+    root's alone, and the directory is opened without following links.
     """
-    app, root, site = settings.app, absolute_root(settings, user), settings.nginx["site_path"]
-    state = f"{root}/{STATE_DIR}"
-    # sudo's * matches spaces too, so `app@*` would let further arguments (another
-    # unit, a unit file) through: a release's unit name only, a character class each.
-    unit = f"{app}@{RELEASE_PATTERN}.service"
-    commands = [
-        f"/usr/bin/systemctl start {unit}",
-        f"/usr/bin/systemctl stop {unit}",
-        f"/usr/bin/systemctl enable --quiet {unit}",
-        f"/usr/bin/systemctl disable --quiet {unit}",
-        f"/usr/bin/systemctl disable --now --no-block {unit}",
-        f"/usr/bin/systemctl reload {app}@\\*.service",  # the literal pattern, for rotate-secret
-        "/usr/bin/systemctl reload nginx",
-        "/usr/sbin/nginx -t",
-        f"/usr/bin/install -m 0644 {state}/site.conf.new {site}",
-        f"/usr/bin/install -m 0644 {state}/site.conf.prev {site}",
-        f"/usr/bin/rm -f {site}",
-    ]
-    escaped = [c.replace(":", "\\:").replace(",", "\\,") for c in commands]
-    alias = "FABDEPLOY_" + "".join(ch if ch.isalnum() else "_" for ch in app).upper()
-    body = ", \\\n    ".join(escaped)
-    return (f"# Written by fabdeploy provision: what deploying {app} needs as root, nothing more.\n"
-            f"Cmnd_Alias {alias} = \\\n    {body}\n"
-            f"{user} ALL=(root) NOPASSWD: {alias}\n")
+    script = f"""
+import grp, os, pwd, stat, sys
+root, user, group = {root!r}, {user!r}, {group!r}
+pw, gid = pwd.getpwnam(user), grp.getgrnam(group).gr_gid
+if os.path.realpath(root).startswith(pw.pw_dir.rstrip("/") + "/"):
+    import subprocess
+    sys.exit(subprocess.call(["runuser", "-u", user, "--", "sh", "-c",
+        'mkdir -p "$1" && chgrp "$2" "$1" && chmod 0750 "$1"', "-", root, group]))
+parent = os.path.dirname(root)
+while True:
+    st = os.lstat(parent)
+    if st.st_uid != 0 or st.st_mode & 0o022 or stat.S_ISLNK(st.st_mode):
+        sys.exit("%s is not root's alone: refusing to make %s under it" % (parent, root))
+    if parent == "/":
+        break
+    parent = os.path.dirname(parent)
+os.makedirs(os.path.dirname(root), exist_ok=True)
+try:
+    os.mkdir(root, 0o750)
+except FileExistsError:
+    pass
+fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+os.fchown(fd, pw.pw_uid, gid)
+os.fchmod(fd, 0o750)
+"""
+    return f"python3 -c {quote(script)}"
 
 
-def steps(settings: Settings, user: str, key: str) -> list[Step]:
-    p = settings["provision"]
-    packages = " ".join(quote(pkg) for pkg in p["packages"])
-    home = f"$(getent passwd {quote(user)} | cut -d: -f6)"
-    keys = f"{home}/.ssh/authorized_keys"
-    sudoers_file = f"/etc/sudoers.d/fabdeploy-{user}"
-    rules = sudoers(settings, user)
-    root = settings["deploy_to"]
-    if root.startswith("~/"):
-        root = f"{home}/{root[2:]}"
-    else:
-        root = quote(root)
-    unit = render.systemd_unit(settings, Layout(absolute_root(settings, user)), user)
-    unit_file = plan.unit_path(settings)
-    return [
-        Step("packages " + " ".join(p["packages"]),
-             f"for p in {packages}; do dpkg-query -W -f='${{Status}}' \"$p\" 2>/dev/null"
-             " | grep -q 'install ok installed' || exit 1; done",
-             f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages}"),
-        Step(f"user {user}", f"id -u {quote(user)}",
-             f"useradd --create-home --shell /bin/bash {quote(user)}"),
-        Step(f"{user}'s authorized key", f"grep -qxF {quote(key)} {keys}",
-             f"install -d -m 0700 -o {quote(user)} -g {quote(user)} {home}/.ssh"
-             f" && printf '%s\\n' {quote(key)} >> {keys}"
-             f" && chown {quote(user)}: {keys} && chmod 0600 {keys}"),
-        Step(f"sudo rights for {user}", f"printf '%s' {quote(rules)} | cmp -s - {sudoers_file}",
-             f"printf '%s' {quote(rules)} > {sudoers_file}.tmp && visudo -cqf {sudoers_file}.tmp"
-             f" && chmod 0440 {sudoers_file}.tmp && mv {sudoers_file}.tmp {sudoers_file}"),
-        Step(f"deploy_to {settings['deploy_to']}",
-             f"[ -d {root} ] && [ \"$(stat -c %U {root})\" = {quote(user)} ]",
-             f"mkdir -p {root} && chown {quote(user)}: {root}"),
-        # Only root writes the unit: whoever writes it picks the User= it runs as.
-        Step(f"systemd unit {unit_file}",
-             f"[ ! -d /run/systemd/system ] || printf '%s' {quote(unit)} | cmp -s - {unit_file}",
-             f"printf '%s' {quote(unit)} > {unit_file} && systemctl daemon-reload"),
-        Step("nginx's stock default site off", f"[ ! -e {STOCK_SITE} ]",
-             f"rm -f {STOCK_SITE} && nginx -t -q && systemctl reload nginx"),
-        Step("nginx enabled and running", "systemctl is-enabled nginx && systemctl is-active nginx",
-             "systemctl enable --now nginx"),
+def steps(settings: Settings, user: str, key: str, facts: RootFacts, replace: bool = False) -> list[Step]:
+    """Every step, in order; a user with broader sudo rights is refused unless `replace`."""
+    app, group = settings.app, settings.group
+    paths = SystemPaths(app)
+    packages = " ".join(quote(pkg) for pkg in settings.provision.packages)
+    home = facts.home or f"/home/{user}"
+    root = absolute_root(settings, home)
+    reg = registration(settings, user, facts.ipv6, home)
+    keys = f"{quote(home)}/.ssh/authorized_keys"
+    broader = broader_sudo(facts) if facts.user_exists else []
+    if broader and not replace:
+        raise DeployError(f"{user} already has broader sudo rights ({', '.join(broader)}): a stolen deploy "
+                          "key would be root", hint="rerun with --replace-sudo to remove them, or choose "
+                                                    "another provision.user")
+    found: list[Step] = [
+        checked("packages " + " ".join(settings.provision.packages),
+                f"for p in {packages}; do dpkg-query -W -f='${{Status}}' \"$p\" 2>/dev/null"
+                " | grep -q 'install ok installed' || exit 1; done",
+                f"apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages}"),
+        checked(f"group {group}", f"getent group {quote(group)}", f"groupadd --system {quote(group)}"),
+        checked(f"user {user}", f"id -u {quote(user)}",
+                f"useradd --create-home --user-group --shell /bin/bash {quote(user)}"),
     ]
+    members = [user] + ([PROXY_USER] if settings.proxy.enabled else [])
+    found.append(checked(f"{' and '.join(members)} in {group}",
+                         " && ".join(f"id -nG {quote(m)} | tr ' ' '\\n' | grep -qx {quote(group)}" for m in members),
+                         " && ".join(f"usermod -aG {quote(group)} {quote(m)}" for m in members)))
+    found.append(checked(f"{user}'s authorized key", f"grep -qxF {quote(key)} {keys}",
+                         f"install -d -m 0700 -o {quote(user)} -g {quote(user)} {quote(home)}/.ssh"
+                         f" && printf '%s\\n' {quote(key)} >> {keys}"
+                         f" && chown {quote(user)}: {keys} && chmod 0600 {keys}"))
+    if broader:
+        found += [Step(op.what, op) for op in replace_sudo(facts, user)]
+    found += [
+        installed(f"helper {HELPER}", Install(HELPER, helper_text(), mode=0o755)),
+        checked("/etc/fabdeploy/apps", "[ -d /etc/fabdeploy/apps ]", "install -d -m 0755 /etc/fabdeploy/apps"),
+        installed(f"record {paths.registration}", Install(paths.registration, json.dumps(reg, indent=2) + "\n")),
+        checked(f"deploy_to {root}",
+                f"[ -d {quote(root)} ] && [ ! -L {quote(root)} ]"
+                f" && [ \"$(stat -c %U:%G:%a {quote(root)})\" = {quote(f'{user}:{group}:750')} ]",
+                make_app_dir(root, user, group)),
+        checked(f"audit log {paths.audit_log}", f"[ -f {quote(paths.audit_log)} ]",
+                f"install -d -m 0750 -o root -g {quote(user)} {quote(os.path.dirname(paths.audit_log))}"
+                f" && install -m 0640 -o root -g {quote(user)} /dev/null {quote(paths.audit_log)}"),
+    ]
+    if facts.systemd:
+        found.append(installed(f"systemd unit {paths.unit}",
+                               Install(paths.unit, render.systemd_unit(settings, root, user),
+                                       after="systemctl daemon-reload")))
+    found.append(installed(f"sudo rule {paths.sudoers}",
+                           Install(paths.sudoers, sudoers(settings, user), mode=0o440,
+                                   validate="visudo -cqf {}")))
+    found += proxy_steps(settings, user, root, facts)
+    return found
+
+
+def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> list[Step]:
+    """The proxy's site, rendered here as root's file; its preview token; Debian's stock site."""
+    kind = settings.proxy.kind
+    if kind == "none":
+        return []
+    paths = SystemPaths(settings.app)
+    layout = Layout(root)
+    service = "nginx" if kind == "nginx" else "apache2"
+    test = "nginx -t -q" if kind == "nginx" else "apache2ctl configtest"
+    reload = f"systemctl reload {service}"
+    found: list[Step] = []
+    if kind == "nginx":
+        token = "python3 -c " + quote('import secrets; print(\'"%s" _next;\' % secrets.token_hex(16))')
+        found.append(checked(f"preview token {paths.preview_map}", f"[ -s {quote(paths.preview_map)} ]",
+                             f"umask 077 && {token} > {quote(paths.preview_map)}.tmp"
+                             f" && chgrp {quote(user)} {quote(paths.preview_map)}.tmp"
+                             f" && chmod 0640 {quote(paths.preview_map)}.tmp"
+                             f" && mv {quote(paths.preview_map)}.tmp {quote(paths.preview_map)}"))
+    shape = site_shape(settings, layout, facts.ipv6)
+    ports = tcp_ports(settings)
+    for port in ports or []:
+        variant = f"/etc/fabdeploy/apps/{settings.app}.tcp-{port}.conf"
+        other = Bind.tcp(settings.server.bind.host, port + 1 if port == ports[0] else ports[0])
+        text = render.proxy_site(settings, render.SiteShape(
+            release="", active=Bind.tcp(settings.server.bind.host, port), backup=other, ipv6=facts.ipv6))
+        found.append(installed(f"site variant {variant}", Install(variant, text)))
+    found.append(installed(f"site {paths.site(kind)}",
+                           Install(paths.site(kind), render.proxy_site(settings, shape),
+                                   test=test, after=reload)))
+    if kind == "nginx" and settings.proxy.catch_all and any(l.port == 80 for l in settings.proxy.listen):
+        found.append(checked("nginx's stock default site off", f"[ ! -e {STOCK_SITE} ]",
+                             f"rm -f {STOCK_SITE} && nginx -t -q && systemctl reload nginx"))
+    found.append(checked(f"{service} enabled and running",
+                         f"systemctl is-enabled {service} && systemctl is-active {service}",
+                         f"systemctl enable --now {service}"))
+    return found
+
+
+def site_shape(settings: Settings, layout: Layout, ipv6: bool) -> render.SiteShape:
+    """The site of a provisioned host: over unix sockets it never changes with a release."""
+    bind = settings.server.bind
+    if bind is not None:
+        return render.SiteShape(release="", active=bind, backup=bind.next_port(), ipv6=ipv6)
+    live = Bind.unix(layout.live_socket)
+    preview = settings.proxy.kind == "nginx"
+    return render.SiteShape(release="", active=live, backup=live, ipv6=ipv6,
+                            preview_map=SystemPaths(settings.app).preview_map if preview else None,
+                            next_socket=layout.next_socket if preview else None)
