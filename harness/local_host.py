@@ -69,8 +69,8 @@ class Nginx:
                 f"{temp}    include {self.site_dir}/*.conf;\n}}\n")
 
     def settings(self, http_port: int, app: str) -> dict:
-        """fabdeploy's `nginx` block for this instance."""
-        return {"nginx": {"listen": http_port,
+        """fabdeploy's `proxy` block for this instance."""
+        return {"proxy": {"listen": http_port,
                           "site_path": str(self.site_dir / f"{app}.conf"),
                           "test_command": shlex.join(self.argv("-t")),
                           "reload_command": shlex.join(self.argv("-s", "reload")),
@@ -107,12 +107,11 @@ class Apache:
                 f"IncludeOptional {self.site_dir}/*.conf\n")
 
     def settings(self, http_port: int, app: str) -> dict:
-        """fabdeploy's `proxy: apache` and `apache` block for this instance."""
-        return {"proxy": "apache",
-                "apache": {"listen": http_port,
-                           "site_path": str(self.site_dir / f"{app}.conf"),
-                           "test_command": shlex.join(self.argv("-t")),
-                           "reload_command": shlex.join(self.argv("-k", "graceful"))}}
+        """fabdeploy's `proxy` block for this instance: Apache."""
+        return {"proxy": {"kind": "apache", "listen": http_port,
+                          "site_path": str(self.site_dir / f"{app}.conf"),
+                          "test_command": shlex.join(self.argv("-t")),
+                          "reload_command": shlex.join(self.argv("-k", "graceful"))}}
 
 
 PROXIES = {"nginx": Nginx, "apache": Apache}
@@ -209,7 +208,7 @@ class LocalHost:
         """fabdeploy settings (the `fabdeploy:` key of fabric.yaml) that make a deploy work on this host."""
         return {"deploy_to": f"~/srv/{app}",
                 "known_hosts": str(self.known_hosts),
-                "gunicorn": {"manager": "pidfile"},
+                "server": {"manager": "pidfile"},
                 **self.proxy.settings(self.http_port, app)}
 
     def fabric_yaml(self, app: str) -> dict:

@@ -142,7 +142,7 @@ def test_nginx_survives_a_deleted_deploy_to_and_so_does_the_next_deploy(project,
     """The site includes the host's preview map: deleting deploy_to must not break nginx,
     which would take every other site on it down at its next reload or restart."""
     project.fab("deploy")
-    test_nginx = host.settings("guestbook")["nginx"]["test_command"]
+    test_nginx = host.settings("guestbook")["proxy"]["test_command"]
     assert host.run_as_user(test_nginx, check=False).returncode == 0
     host.run_as_user(f"rm -rf {project.deploy_to}")
     checked = host.run_as_user(test_nginx, check=False)

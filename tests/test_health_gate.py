@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from fabdeploy import plan
+from fabric import Connection
+
+from fabdeploy.ops import Phase, Reload
+from fabdeploy.remote import Host
 from fabdeploy.settings import resolve
 from harness.local_host import free_port_pair
 from load import served_version
@@ -229,12 +232,12 @@ class SlowReload:
     def __init__(self, project, host, delay: float):
         self.log = project.deploy_to.parent / "slow-reloads.log"  # under ~/srv: the teardown removes it
         log = shlex.quote(str(self.log))
-        reload = host.settings(APP)["nginx"]["reload_command"]
+        reload = host.settings(APP)["proxy"]["reload_command"]
         later = f"sleep {delay}; {reload}; echo done >> {log}"
         # Counted before it returns; a brace group, so `&` backgrounds only the
         # delayed part and not the whole && chain fabdeploy puts before it.
         command = f"{{ echo asked >> {log}; sh -c {shlex.quote(later)} </dev/null >/dev/null 2>&1 & }}"
-        project.configure(nginx={"reload_command": command})
+        project.configure(proxy={"reload_command": command})
 
     @property
     def asked(self) -> int:
@@ -260,9 +263,22 @@ def load_stale_site(host, text: str) -> None:
     check that took a 200 on that port for the new release.
     """
     site = write_site(host, text)
-    host.run_as_user(plan.reload_proxy(resolve(host.settings(APP), EXAMPLE)))
+    fabdeploy_reload(host)
     site.unlink()
     assert fresh_answers(host.url, 5) == [text] * 5
+
+
+def fabdeploy_reload(host) -> None:
+    """nginx reloaded as a deploy reloads it: the host's agent runs the reload and waits it out."""
+    proxy = resolve(host.settings(APP), EXAMPLE).proxy
+    conn = Connection(host.host_string, connect_kwargs={"key_filename": str(host.key_file)})
+    target = Host(conn, str(host.known_hosts))
+    try:
+        target.connect()
+        reply = target.execute([Phase("reload", (Reload(proxy.reload_command, proxy.pid_file),))])
+    finally:
+        target.close()
+    assert reply.ok, reply.error
 
 
 def write_site(host, text: str):
@@ -294,15 +310,15 @@ def test_a_reload_is_over_only_when_no_connection_can_meet_the_old_site(project,
     accepting; nginx's own reload command returns before the new ones even
     exist (the control, which must see the old site at least once).
     """
-    settings = resolve(host.settings(APP), EXAMPLE)
+    plain = resolve(host.settings(APP), EXAMPLE).proxy.reload_command
     stale_after_plain = 0
     for n in range(5):
-        for command in (settings.nginx["reload_command"], plan.reload_proxy(settings)):
+        for ours in (False, True):
             load_stale_site(host, "old")
             site = write_site(host, f"new{n}")
-            host.run_as_user(command)
+            fabdeploy_reload(host) if ours else host.run_as_user(plain)
             answers = fresh_answers(host.url, 40)
-            if command == settings.nginx["reload_command"]:
+            if not ours:
                 stale_after_plain += answers.count("old")
                 settle = time.monotonic() + 10
                 while "old" in fresh_answers(host.url, 20):  # before the next round starts

@@ -121,16 +121,16 @@ def test_settings_shape(host):
     settings = host.settings("demo")
     assert settings["deploy_to"] == "~/srv/demo"
     assert settings["known_hosts"] == str(host.known_hosts)
-    assert settings["gunicorn"] == {"manager": "pidfile"}
-    assert settings["nginx"]["listen"] == host.http_port
-    assert settings["nginx"]["site_path"] == str(host.site_dir / "demo.conf")
+    assert settings["server"] == {"manager": "pidfile"}
+    assert settings["proxy"]["listen"] == host.http_port
+    assert settings["proxy"]["site_path"] == str(host.site_dir / "demo.conf")
     assert host.fabric_yaml("demo") == {"connect_kwargs": {"key_filename": str(host.key_file)},
                                         "fabdeploy": settings}
     assert host.url == f"http://127.0.0.1:{host.http_port}/"
 
 
 def test_user_deploys_a_site_and_reloads_nginx(host):
-    nginx = host.settings("demo")["nginx"]
+    nginx = host.settings("demo")["proxy"]
     site = f"server {{ listen 127.0.0.1:{host.http_port}; location / {{ return 200 'hello fdt'; }} }}\n"
     result = subprocess.run(host.ssh_argv(f"cat > {nginx['site_path']}"), input=site,
                             capture_output=True, text=True, timeout=30)
@@ -143,7 +143,7 @@ def test_user_deploys_a_site_and_reloads_nginx(host):
 
 
 def test_broken_site_fails_nginx_test(host):
-    nginx = host.settings("demo")["nginx"]
+    nginx = host.settings("demo")["proxy"]
     result = ssh(host, f"echo 'server {{ nonsense; }}' > {nginx['site_path']} && {nginx['test_command']}")
     assert result.returncode == 1
     assert "nonsense" in result.stderr
@@ -268,8 +268,8 @@ def test_apache_variant_serves_a_site_the_user_tests_and_reloads(apache_host, wo
     """proxy="apache": Apache httpd run by the user, configtest and graceful without sudo."""
     host = apache_host
     settings = host.settings("demo")
-    assert settings["proxy"] == "apache" and "nginx" not in settings
-    apache = settings["apache"]
+    assert settings["proxy"]["kind"] == "apache" and "nginx" not in settings
+    apache = settings["proxy"]
     assert apache["listen"] == host.http_port
     assert apache["site_path"] == str(host.site_dir / "demo.conf")
     state = json.loads((workdir / "state.json").read_text())

@@ -33,7 +33,9 @@ from flask.sessions import SecureCookieSessionInterface
 from itsdangerous import BadSignature
 
 from harness.project import EXAMPLE, FAB, traversable_tmpdir
-from fabdeploy import phases, plan
+from fabdeploy import onhost, phases, session
+from fabdeploy.model import HostFacts
+from fabdeploy.ops import Facts
 from fabdeploy.errors import DeployError
 from fabdeploy.settings import resolve
 
@@ -431,15 +433,18 @@ def test_secret_never_on_a_command_line_in_an_environment_or_in_fab_output(proje
     key = config_values(project)["SECRET_KEY"]
     assert len(key) >= 32
 
-    # The spy and the shell log really watched the deploy: they saw its remote commands.
+    # The spy and the shell log really watched the deploy: the shell was handed the agent
+    # (every other step travels inside its channel), the spy saw the release's gunicorn.
     release_dir = f"{project.deploy_to}/releases/{current_release(project)}".encode()
-    assert release_dir + b"/serve" in commands, "the login shell logged no deploy"
+    assert session.DIGEST.encode() in commands and b"python3 -S -c" in commands, \
+        "the login shell logged no deploy"
     assert any(release_dir in seen and b"gunicorn" in seen for seen in spy.seen), \
         f"never saw the release's gunicorn ({spy.sweeps} sweeps, {spy.execs} execs)"
     assert any(b"SSH_CONNECTION=" in seen for seen in spy.seen), "no deploy-user environ was read"
-    # --echo prints nothing here (Host.run hides, and invoke's hide overrides echo),
-    # but -d must have logged the SSH and SFTP traffic, the secret's upload included.
-    assert "paramiko.transport" in err and ".config.py." in err, "-d logged no SSH/SFTP debug lines"
+    # --echo shows each step (the secret's file as "secret: not shown"), and -d logs
+    # the SSH traffic: the agent's channel included.
+    assert "shared/instance/config.py (mode 600, secret: not shown)" in out, "--echo showed no steps"
+    assert "paramiko.transport" in err and "[chan 0]" in err, "-d logged no SSH debug lines"
 
     assert key.encode() not in commands, "SECRET_KEY in a command sent over SSH"
     leaks = [seen[:200] for seen in spy.seen if key.encode() in seen]
@@ -480,7 +485,8 @@ def rotate(project) -> str:
     with logging_login_shell(project.host) as shell_log:
         out, err = finish(fab_popen(project, "--echo", "-d", "rotate-secret"))
         commands = shell_log.read_bytes().decode(errors="replace")
-    assert "kill -HUP" in commands, "the login shell logged no rotation"
+    assert session.DIGEST in commands, "the login shell logged no rotation"
+    assert "kill -HUP" in out, "--echo showed no reload of the releases"
     return out + err + commands
 
 
@@ -607,7 +613,7 @@ def test_a_port_variable_in_the_ssh_environment_changes_nothing(project, host):
         assert_app_not_exposed(project, host)
         assert not [entry for entry in tcp_listeners() if entry[1] == PORT], f"something listens on {PORT}"
         for pid in app_processes(project, current_release(project)):
-            # plan.in_release promises gunicorn never runs with $PORT set
+            # the serve script promises gunicorn never runs with $PORT set
             assert f"PORT={PORT}".encode() not in read_proc(pid, "environ").split(b"\0")
         assert get(host.url).startswith("Hello from the guestbook")
 
@@ -628,26 +634,35 @@ def test_every_app_process_runs_as_the_deploy_user(project, host):
         assert proc_uids(pid) == [uid] * 4, f"pid {pid} runs with uids {proc_uids(pid)}"
 
 
-def target_with(facts: dict) -> phases.Target:
+def target_with(problems: list) -> phases.Target:
     """A Target with the given host facts and no connection: check_server needs none."""
     settings = resolve({"app": "guestbook"}, EXAMPLE)
+    facts = HostFacts.parse({"root": "/srv/guestbook", "user": "deploy", "uid": 1000, "problems": problems})
     return phases.Target(SimpleNamespace(name="root@web1"), settings, facts=facts)
 
 
-def refusal(facts: dict) -> str:
+def refusal(problems: list) -> str:
     """Why check_server refuses a host with these facts ("" if it does not)."""
     try:
-        phases.check_server(target_with(facts))
+        phases.check_server(target_with(problems))
     except DeployError as exc:
         return str(exc)
     return ""
 
 
+def run_agent(*ops) -> dict:
+    """The agent, here, as a host runs it: one request on its stdin, its reply on stdout."""
+    request = {"id": 1, "phases": [{"name": "test", "ops": [op.wire() for op in ops]}]}
+    done = subprocess.run([sys.executable, "-S", "-c", onhost.program("agent").decode()],
+                          input=json.dumps(request) + "\n", capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def test_deploying_as_root_is_refused():
     """The agent names a root login, and fabdeploy refuses it (on real hosts: test_production_hosts)."""
-    words = shlex.split(plan.agent(sys.executable, "facts", "--root", "/nonexistent", "--refuse-root"))
-    found = json.loads(subprocess.run(words, capture_output=True, text=True, check=True).stdout)
+    reply = run_agent(Facts(root="/nonexistent", app="guestbook", python=sys.executable, key="facts"))
+    found = reply["results"]["facts"]
     assert ("root" in found["problems"]) == (os.getuid() == 0)
-    assert "refusing to deploy as root" in refusal({"problems": ["root"]})
+    assert "refusing to deploy as root" in refusal(["root"])
     # The same host as an ordinary user is not refused for being root.
-    assert refusal({"problems": []}) == ""
+    assert refusal([]) == ""

@@ -65,13 +65,15 @@ class Case:
 
     def settings(self, direct_port: int) -> dict:
         """fabric.yaml overrides for this combination."""
-        given: dict = {"server": self.server}
+        given: dict = {"server": {"kind": self.server}}
         if self.proxy == "none":
-            given.update(proxy="none", direct={"bind": f"127.0.0.1:{direct_port}"})
+            given.update(proxy={"kind": "none"})
+            given["server"]["public_bind"] = f"127.0.0.1:{direct_port}"
         if self.worker_class:
-            given["gunicorn"] = {"worker_class": self.worker_class}
+            given["server"]["worker_class"] = self.worker_class
         if self.app != "guestbook":
-            given.update(wsgi=f"{self.app}:app", asgi=self.asgi, init_command="")
+            given.update(wsgi=f"{self.app}:app", init_command="")
+            given["server"]["asgi"] = self.asgi
         return given
 
 
@@ -232,7 +234,7 @@ def wipe(host: LocalHost) -> None:
             time.sleep(0.05)
     host.run_as_user("rm -rf ~/srv")
     # The next case may deploy another app to the same port: only its site may answer there.
-    proxy = host.settings("x")[host.proxy.name]
+    proxy = host.settings("x")["proxy"]
     host.run_as_user(f"rm -f {host.site_dir}/*.conf && {proxy['reload_command']}")
 
 
@@ -301,7 +303,7 @@ def assert_proxy_fix(d: Deployment) -> None:
     forged, _ = d.about({"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https"})
     seen = (forged["remote_addr"], forged["scheme"])
     if d.case.proxy == "none":
-        # Whoever reaches direct.bind is trusted as the one proxy: a balancer's headers count.
+        # Whoever reaches server.public_bind is trusted as the one proxy: a balancer's headers count.
         assert seen == ("6.6.6.6", "https"), forged
     else:
         # The proxy appends the peer it saw ("6.6.6.6, 127.0.0.1") and ProxyFix takes that
@@ -423,7 +425,7 @@ def test_a_waitress_release_on_a_tcp_bind_takes_the_other_port(deployments):
     """
     d = deployments(Case("waitress", "nginx"))
     port = free_port_pair()
-    d.project.configure(server="waitress", gunicorn={"bind": f"127.0.0.1:{port}"})
+    d.project.configure(server={"kind": "waitress", "bind": f"127.0.0.1:{port}"})
     d.project.fab("deploy")
     change_code(d, "1.1.0")
     d.project.fab("deploy")

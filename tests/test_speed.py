@@ -16,6 +16,7 @@ import pytest
 from fabric import Connection
 
 from fabdeploy import build
+from fabdeploy.ops import Phase, Sh
 from fabdeploy.remote import Host, PromptAcks
 from harness.project import EXAMPLE
 
@@ -128,13 +129,17 @@ def test_a_connection_sends_and_acknowledges_without_delay(host):
         sock = conn.transport.sock
         assert isinstance(sock, PromptAcks)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-        ran = remote.execute("echo out; echo err >&2; exit 3")
-        assert (ran.stdout, ran.stderr, ran.exited, ran.ok) == ("out\n", "err\n", 3, False)
+        # The agent runs commands on the host and keeps both streams apart.
+        reply = remote.execute([Phase("t", (Sh("echo out; echo err >&2; exit 3", check=False, key="r"),))])
+        ran = reply.results["r"]
+        assert (ran["stdout"], ran["stderr"], ran["exit"]) == ("out\n", "err\n", 3)
         # Megabytes on both streams at once: read as they come, no deadlock.
-        ran = remote.execute("head -c 3000000 /dev/zero | tr '\\0' o &"
-                             " head -c 3000000 /dev/zero | tr '\\0' e >&2; wait")
-        assert (len(ran.stdout), len(ran.stderr), ran.exited) == (3000000, 3000000, 0)
-        assert set(ran.stdout) == {"o"} and set(ran.stderr) == {"e"}
+        reply = remote.execute([Phase("t", (Sh("head -c 3000000 /dev/zero | tr '\\0' o &"
+                                                " head -c 3000000 /dev/zero | tr '\\0' e >&2; wait",
+                                                key="r"),))])
+        ran = reply.results["r"]
+        assert (len(ran["stdout"]), len(ran["stderr"]), ran["exit"]) == (3000000, 3000000, 0)
+        assert set(ran["stdout"]) == {"o"} and set(ran["stderr"]) == {"e"}
     finally:
         remote.close()
 

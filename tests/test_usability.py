@@ -10,7 +10,7 @@ systemd unit in the plan, which only appears where systemd runs
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import pty
@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 from fabric import Connection
 
-from fabdeploy import agent, build
+from fabdeploy import agent, build, hostinfo
 from fabdeploy import phases as ph
 from fabdeploy.errors import DeployError
+from fabdeploy.model import Problem
 from fabdeploy.remote import Host
 from fabdeploy.settings import resolve
 from harness.local_host import free_port
@@ -301,19 +302,25 @@ def assert_plan_of_a_first_deploy(project, out: str, release: str) -> None:
         "init": [("would run: ", "flask --app 'guestbook:create_app()' init-db")],
         "configure": [(f"would write {rel}/gunicorn.conf.py",),
                       (f"    bind = ['unix:{root}/shared/run/{release}.sock']",)],
-        "start": [("would run: ", rel), ("would run: ", "health", f"{root}/shared/run/{release}.sock")],
+        "start": [("would run: ", rel), ("would check unix:", f"{root}/shared/run/{release}.sock/",
+                                                "answers 2xx")],
         "route": [("would write ", "(mode 644):"), (f"    listen {host.http_port};",),
                   ("    proxy_pass http://",),
-                  ("would run: ", f"{host.nginx_dir}/nginx.conf -t", "-s reload"),
+                  ("would run: ", f"{host.nginx_dir}/nginx.conf -t"),
+                  ("would run: ", f"{host.nginx_dir}/nginx.conf -s reload"),
                   # Checked through nginx's preview, and only then switched live.
-                  ("would run: ", f"{root}/shared/run/next.sock", "health", f"127.0.0.1:{host.http_port}",
-                   "--preview-map", f"{root}/shared/run/live.sock")],
-        "switch": [("would run: ", f"releases/{release}", f"{root}/current")],
-        "cleanup": [("would run: ", f"rm -rf {root}/.fabdeploy/lock")],
+                  (f"would link {root}/shared/run/next.sock -> {root}/shared/run/{release}.sock",),
+                  (f"would check 127.0.0.1:{host.http_port}/ answers 2xx", "with the preview token of",
+                   f"{root}/.fabdeploy/preview.map"),
+                  (f"would link {root}/shared/run/live.sock -> {root}/shared/run/{release}.sock",)],
+        "switch": [(f"would link {root}/current -> releases/{release}",)],
+        "cleanup": [(f"would remove the lock {root}/.fabdeploy/lock",)],
     }
     for phase, pieces in checks.items():
         for piece in pieces:
             assert has(plan.get(phase, ""), *piece), f"{phase}: no {piece} in\n{plan.get(phase)}"
+    route = plan["route"]
+    assert route.index("would check") < route.index(f"would link {root}/shared/run/live.sock"), route
 
 
 def dry_run(project) -> tuple[str, str]:
@@ -699,8 +706,8 @@ def test_agent_finds_nginx_missing_on_path_and_in_sbin(monkeypatch):
         looked.append((name, path))
         return None if name == "nginx" else "/usr/bin/" + name
     monkeypatch.setattr(agent.shutil, "which", which)
-    args = argparse.Namespace(refuse_root=True, needs="nginx")
-    assert agent.problems({"uid": 1000, "venv_ok": True}, args) == ["no-nginx"]
+    args = {"refuse_root": True, "needs": {"program": "nginx", "problem": "no-nginx"}}
+    assert agent.problems({"uid": 1000, "venv_ok": True, "registration": None}, args) == ["no-nginx"]
     assert [path.split(":")[-2:] for name, path in looked if name == "nginx"] == [["/usr/sbin", "/sbin"]]
 
 
@@ -710,13 +717,12 @@ def test_server_without_nginx_is_refused_with_what_to_do(project, host):
     conn = Connection(host.host_string, connect_kwargs={"key_filename": str(host.key_file)})
     target = ph.Target(Host(conn, str(host.known_hosts)), settings)
     try:
-        ph.connect(target)
-        ph.read_facts(target)  # the real host's facts, from the real agent
+        hostinfo.read(target)  # the real host's facts, from the real agent
     finally:
         target.host.close()
-    assert target.facts["problems"] == []
+    assert target.facts.problems == ()
     ph.check_server(target)  # passes with nginx there
-    target.facts["problems"] = ["no-nginx"]
+    target.facts = dataclasses.replace(target.facts, problems=(Problem.NO_NGINX,))
     with pytest.raises(DeployError) as err:
         ph.check_server(target)
     assert err.value.line() == (f"{host.host_string}: nginx is not installed on the server "
@@ -745,7 +751,7 @@ def test_nginx_rejecting_the_config_shows_its_message_and_the_old_release_serves
     site = (host.site_dir / "guestbook.conf").read_text()
     project.set_version("1.1.0")
     # A new site, which nginx must test: an unchanged one is neither tested nor reloaded.
-    project.configure(nginx={"server_name": "guestbook.test"})  # merged into the host's nginx settings
+    project.configure(proxy={"server_name": "guestbook.test"})  # merged into the host's proxy settings
     broken = host.site_dir / "broken.conf"
     broken.write_text("this is not nginx configuration;\n")
     try:
