@@ -5,12 +5,15 @@ package index); every build after it runs in a network namespace of its own
 (`unshare -n`), so it can only pass without the network. Times are printed,
 never asserted.
 """
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,8 +37,8 @@ DRIVER = textwrap.dedent("""
         else:
             wheel = start_build(project).result()
             env = buildenv.find(buildenv.envs_dir(), buildenv.build_system(project))
-            print(json.dumps({"wheel": wheel.filename, "seconds": time.perf_counter() - start,
-                              "env": env and env.name}))
+            print(json.dumps({"wheel": wheel.filename, "path": str(wheel.path),
+                              "seconds": time.perf_counter() - start, "env": env and env.name}))
     except DeployError as exc:
         sys.exit(str(exc))
 """)
@@ -81,12 +84,15 @@ PROJECTS = {
             """,
         "hatchapp/__init__.py": "GREETING = 'hello'\n",
     },
-    "setup.py only": {  # as the Flask tutorial's seed projects are
+    "setup.py only": {  # shaped like the Flask tutorial's seed projects
         "setup.py": """
-            from setuptools import setup
-            setup(name="seedapp", version="1.0", packages=["seedapp"])
+            from setuptools import find_packages, setup
+            setup(name="seedapp", version="1.0", packages=find_packages(),
+                  include_package_data=True, zip_safe=False, install_requires=["flask"])
             """,
+        "MANIFEST.in": "graft seedapp/templates\n",
         "seedapp/__init__.py": "GREETING = 'hello'\n",
+        "seedapp/templates/base.html": "<title>seed</title>\n",
     },
 }
 
@@ -99,7 +105,7 @@ def write_project(path: Path, files: dict) -> Path:
 
 
 def change_code(project: Path) -> None:
-    (init,) = project.glob("*/__init__.py")
+    (init,) = project.glob("*app/__init__.py")
     init.write_text(init.read_text() + "GREETING = 'changed'\n")
 
 
@@ -196,6 +202,10 @@ def test_each_backend_builds_in_a_cached_env_then_reuses_it_offline(built, user,
     name = {"setuptools": "stapp", "flit_core": "flitapp", "hatchling": "hatchapp",
             "setup.py only": "seedapp"}[backend]
     assert run["first"]["wheel"].startswith(f"{name}-1.0-") and run["second"]["wheel"] == run["first"]["wheel"]
+    with zipfile.ZipFile(run["second"]["path"]) as wheel:
+        assert "GREETING = 'changed'" in wheel.read(f"{name}/__init__.py").decode()
+        if backend == "setup.py only":
+            assert f"{name}/templates/base.html" in wheel.namelist()  # MANIFEST.in's graft
     env = run["first"]["env"]
     assert env in run["made"] and run["second"]["env"] == env
     assert [m["env"] for m in run["first_makes"]] == [env]
@@ -221,14 +231,23 @@ def test_a_setup_py_project_shares_the_env_its_resolution_names(built):
     assert setup_py["made"] == setup_py["before"]
 
 
-def test_a_changed_requirement_set_makes_a_new_env(built, user):
+def test_a_changed_requirement_set_makes_a_new_env_and_prunes_the_unused(built, user):
+    """Making an env prunes those unused for 30 days, but not one that a build holds."""
+    unused, held = built["hatchling"]["first"]["env"], built["flit_core"]["first"]["env"]
+    month_ago = time.time() - 31 * 86400
+    for env in (unused, held):
+        os.utime(user.envs / env / ".in-use", (month_ago, month_ago))
     project = built["setuptools"]["project"]
     pyproject = project / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('"setuptools>=64"', '"setuptools>=64,<70"'))
     old, makes = user.env_dirs(), len(user.makes())
-    result = user.build(project)
+    with open(user.envs / held / ".in-use") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)  # as a build in another fab holds its env
+        result = user.build(project)
     new = user.env_dirs()
-    assert result["env"] not in old and set(new) == set(old) | {result["env"]}
+    assert result["env"] not in old and set(new) == set(old) - {unused} | {result["env"]}
+    assert held in new and new[held] == old[held]
+    assert unused not in {p.read_text() for p in (user.envs / "declared").iterdir()}
     assert [(m["env"], m.get("twin")) for m in user.makes()[makes:]] == [(result["env"], None)]
     holds = user.holds(result["env"])
     # setuptools before 70.1 asks for wheel (get_requires_for_build_wheel): the env has it.
