@@ -1,7 +1,8 @@
 """Build the app's wheel locally, once per invocation (PEP 517, via `build`).
 
-The build_wheel hook runs in a build environment of buildenv's: made once per
-[build-system] and Python, in the user's cache, then reused with no install.
+Only the backend's build_wheel hook runs, with fabdeploy's own Python when it
+has the build requirements, else in a build env of buildenv's: made once per
+[build-system] and Python in the user's cache, then reused with no install.
 """
 from __future__ import annotations
 
