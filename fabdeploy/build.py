@@ -1,12 +1,14 @@
-"""Build the app's wheel locally, once per invocation (PEP 517, via `build`)."""
+"""Build the app's wheel locally, once per invocation (PEP 517, via `build`).
+
+Only the backend's build_wheel hook runs, with fabdeploy's own Python when it
+has the build requirements, else in a build env of buildenv's: made once per
+[build-system] and Python in the user's cache, then reused with no install.
+"""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -14,12 +16,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import buildenv
 from .errors import DeployError, tail
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # build needs tomli on 3.10
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -78,50 +76,7 @@ def clean_copy(project_dir: Path, dest: Path) -> Path:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "fabdeploy" / "wheels"
-
-
-def isolation_needed(project_dir: Path, cache: Path) -> bool:
-    """Build in an isolated env only when this one lacks the build requirements.
-
-    Asking the backend takes a quarter to half a second, so the answer is
-    kept per build system (pyproject.toml's [build-system]) and Python: a
-    new version number in pyproject.toml does not ask again.
-    """
-    key = hashlib.sha256(build_system(project_dir) + sys.executable.encode()).hexdigest()[:32]
-    memo = cache / f"isolation-{key}"
-    if memo.exists():
-        return memo.read_text() == "isolated"
-    try:
-        from build import BuildBackendException, ProjectBuilder, check_dependency
-        from pyproject_hooks import quiet_subprocess_runner
-        builder = ProjectBuilder(project_dir, runner=quiet_subprocess_runner)
-        if any(any(check_dependency(req)) for req in builder.build_system_requires):
-            needed = True
-        else:
-            try:
-                needed = bool(builder.check_dependencies("wheel"))
-            except BuildBackendException:
-                # The backend is here and runs, but fails: the project is broken. Building
-                # here shows its own error; an isolated env would only add a download (and
-                # offline, show pip's error instead).
-                needed = False
-    except Exception:  # any other doubt: the isolated build is the safe one
-        needed = True
-    cache.mkdir(parents=True, exist_ok=True)
-    memo.write_text("isolated" if needed else "shared")
-    return needed
-
-
-def build_system(project_dir: Path) -> bytes:
-    """pyproject.toml's [build-system] table, canonical; the whole file if it does not parse."""
-    text = (project_dir / "pyproject.toml").read_bytes()
-    try:
-        table = tomllib.loads(text.decode()).get("build-system", {})
-    except (ValueError, UnicodeDecodeError):
-        return text
-    return json.dumps(table, sort_keys=True).encode()
+    return buildenv.user_cache() / "wheels"
 
 
 def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
@@ -140,8 +95,8 @@ def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
         # From a clean copy of exactly the hashed sources: setuptools reuses build/lib,
         # so a file deleted from the project would otherwise keep shipping.
         source = clean_copy(project_dir, tmp / "src")
-        build = build_isolated if isolation_needed(project_dir, cache) else build_here
-        build(source, tmp, project_dir)
+        with buildenv.hook_python(source, project_dir) as python:
+            build_with(python, source, tmp, project_dir)
         built = sorted(tmp.glob("*.whl"))
         if len(built) != 1:
             raise DeployError(f"the build of {project_dir} made {len(built)} wheels, not one",
@@ -179,24 +134,20 @@ def build_failed(project_dir: Path, output: str) -> DeployError:
                        hint="fix the build, then deploy again", detail=tail(output))
 
 
-def build_isolated(source: Path, out_dir: Path, project_dir: Path) -> None:
-    """`python -m build` of the copy in source: a fresh environment with the build requirements."""
-    argv = [sys.executable, "-m", "build", "--wheel", "--outdir", str(out_dir), str(source)]
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise build_failed(project_dir, result.stdout + result.stderr)
-
-
-def build_here(source: Path, out_dir: Path, project_dir: Path) -> None:
-    """Only the backend's build_wheel hook, from this environment: one process, not three."""
-    from build import BuildBackendException, ProjectBuilder
+def build_with(python: str, source: Path, out_dir: Path, project_dir: Path) -> None:
+    """Only the backend's build_wheel hook, run by python: no install, one process."""
+    from build import BuildBackendException, BuildException, ProjectBuilder
     from pyproject_hooks import quiet_subprocess_runner
     try:
-        ProjectBuilder(source, runner=quiet_subprocess_runner).build("wheel", out_dir)
+        builder = ProjectBuilder(source, python_executable=python, runner=quiet_subprocess_runner)
+        builder.build("wheel", out_dir)
     except BuildBackendException as exc:
         output = getattr(exc.exception, "output", None) or str(exc)
         raise build_failed(project_dir, output.decode(errors="replace")
                            if isinstance(output, bytes) else output) from None
+    except BuildException as exc:  # e.g. a [build-system] table that is not valid
+        raise DeployError(f"{project_dir / 'pyproject.toml'}: {exc}", host="local",
+                          hint="fix its [build-system]") from None
 
 
 def prune(cache: Path, keep: int = 20) -> None:

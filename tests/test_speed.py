@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fabric import Connection
 
-from fabdeploy import build
+from fabdeploy import buildenv
 from fabdeploy.ops import Phase, Sh
 from fabdeploy.remote import Host, PromptAcks
 from harness.project import EXAMPLE
@@ -186,20 +186,23 @@ def test_a_deployed_host_is_locked_while_the_wheel_builds_a_fresh_one_after(proj
 
 
 def test_a_new_version_number_does_not_ask_the_build_backend_again(tmp_path, monkeypatch):
-    """Whether to build in an isolated env is asked of the backend (a subprocess, 0.25 s)
+    """Whether fabdeploy's own env can build is asked of the backend (a subprocess, 0.25 s)
     once per [build-system], not once per pyproject.toml: a version bump changes the file."""
     project, cache = tmp_path / "guestbook", tmp_path / "cache"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("*.egg-info", "build"))
-    assert build.isolation_needed(project, cache) is False  # this env has setuptools
+
+    def suffices() -> bool:
+        return buildenv.here_suffices(buildenv.build_system(project), project, cache)
+
+    assert suffices() is True  # this env has setuptools and wheel
     pyproject = project / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('version = "1.0.0"', 'version = "1.0.1"'))
 
     asked = []
     monkeypatch.setattr("build.ProjectBuilder", lambda *a, **k: asked.append(a) or 1 / 0)
-    assert build.isolation_needed(project, cache) is False
+    assert suffices() is True
     assert asked == []
-    # Another build system is asked about (here the stand-in fails: isolated, to be safe).
-    pyproject.write_text(pyproject.read_text().replace("[build-system]\n", "[build-system]\n# x\n")
-                         .replace('requires = [', 'requires = ["wheel", '))
-    assert build.isolation_needed(project, cache) is True
+    # Another build system is asked about (here the stand-in fails: a build env, to be safe).
+    pyproject.write_text(pyproject.read_text().replace('requires = [', 'requires = ["wheel", '))
+    assert suffices() is False
     assert len(asked) == 1
