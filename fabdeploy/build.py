@@ -115,8 +115,14 @@ def isolation_needed(project_dir: Path, cache: Path) -> bool:
 
 
 def build_system(project_dir: Path) -> bytes:
-    """pyproject.toml's [build-system] table, canonical; the whole file if it does not parse."""
-    text = (project_dir / "pyproject.toml").read_bytes()
+    """pyproject.toml's [build-system] table, canonical; the whole file if it does not parse.
+
+    A project with only setup.py has PEP 517's fallback: setuptools' legacy backend.
+    """
+    path = project_dir / "pyproject.toml"
+    if not path.exists():
+        return b"setuptools.build_meta:__legacy__"
+    text = path.read_bytes()
     try:
         table = tomllib.loads(text.decode()).get("build-system", {})
     except (ValueError, UnicodeDecodeError):
