@@ -26,9 +26,21 @@ def read_project(root: Path) -> dict[str, str]:
         for name in names:
             path = Path(top, name)
             rel = path.relative_to(root).as_posix()
-            if (name.endswith(".py") or rel in scaffold.METADATA) and path.stat().st_size <= MAX_SOURCE:
-                files[rel] = path.read_text(encoding="utf-8", errors="replace")
+            if name.endswith(".py") or rel in scaffold.METADATA:
+                text = read_text(path)
+                if text is not None:
+                    files[rel] = text
     return files
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text; None for what cannot be a source (too big, unreadable, a dead link)."""
+    try:
+        if path.stat().st_size > MAX_SOURCE:
+            return None
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
 
 
 def existing(root: Path) -> set[str]:

@@ -32,7 +32,7 @@ SHADOWS = {"fabfile/__init__.py": "fabfile.py", "fabric.yml": "fabric.yaml",
 FACTORIES = ("create_app", "make_app")  # what `flask --app pkg` looks for too
 OBJECTS = ("app", "application")
 FIRST_MODULES = ("__init__", "wsgi", "app", "application", "main", "server")
-# setuptools' reserved top-level names (setuptools/discovery.py): never the app's package.
+# setuptools' reserved top-level names (setuptools/discovery.py), and alembic's migrations/.
 NOT_PACKAGES = ("bin", "build", "ci", "debian", "dist", "doc", "docs", "env", "example",
                 "examples", "scripts", "test", "tests", "tools", "util", "utils", "venv",
                 "benchmark", "benchmarks", "migrations", "tasks", "fabfile")
@@ -123,7 +123,7 @@ def check_free(existing: set[str], force: bool) -> None:
 
 def report(s: Scaffold, written: list[str]) -> str:
     """What init tells the user: what it found, what it wrote, what is left to do."""
-    lines = [f"{s.app}: {s.wsgi} ({s.found_in}), name from {s.source}",
+    lines = [f"{s.app}: {s.wsgi} (found in {s.found_in}; the project is named in {s.source})",
              f"wrote {', '.join(written)}", *s.advice,
              "next: fill in hosts (or pass -H), proxy.server_name and tls in fabric.yaml, then",
              "  fab -H root@HOST provision    # once, on a fresh Debian or Ubuntu server",
@@ -147,7 +147,7 @@ def project_name(files: Files) -> tuple[str, str]:
     if isinstance(name, str) and name:
         return name, "setup.py"
     given = [path for path in METADATA if path in files]
-    raise DeployError(f"{' nor '.join(given)} names the project",
+    raise DeployError(f"no project name in {' or '.join(given)}",
                       hint="set [project] name in pyproject.toml")
 
 
@@ -203,7 +203,7 @@ def value_of(node: ast.AST, names: dict) -> object:
         plain = {k: value_of(v, names) for k, v in args.items() if v is not None}
         if any(v is UNKNOWN for v in plain.values()):
             return UNKNOWN
-        return Find(where=plain.get("where", ""), include=tuple(plain.get("include", ("*",))),
+        return Find(where=plain_dir(plain.get("where", "")), include=tuple(plain.get("include", ("*",))),
                     exclude=tuple(plain.get("exclude", ())),
                     namespaces=call_name(node) == "find_namespace_packages")
     try:
@@ -301,7 +301,7 @@ def setuptools_config(files: Files) -> tuple[object, object, dict]:
     packages = tool.get("packages")
     if isinstance(packages, dict):  # packages.find
         find = packages.get("find", {})
-        packages = Find(where=(find.get("where") or [""])[0], include=tuple(find.get("include", ["*"])),
+        packages = Find(where=plain_dir((find.get("where") or [""])[0]), include=tuple(find.get("include", ["*"])),
                         exclude=tuple(find.get("exclude", [])), namespaces=find.get("namespaces", True))
     elif packages is None and "packages" in call:
         packages = call["packages"]
@@ -324,11 +324,18 @@ def setuptools_config(files: Files) -> tuple[object, object, dict]:
 def cfg_packages(cfg: configparser.ConfigParser, value: str) -> object:
     if value.strip() in ("find:", "find_namespace:"):
         find = cfg["options.packages.find"] if cfg.has_section("options.packages.find") else {}
-        return Find(where=find.get("where", "").strip(),
+        return Find(where=plain_dir(find.get("where", "").strip()),
                     include=tuple(cfg_list(find.get("include", "*"))),
                     exclude=tuple(cfg_list(find.get("exclude", ""))),
                     namespaces=value.strip() == "find_namespace:")
     return cfg_list(value)
+
+
+def plain_dir(path: object) -> str:
+    """A project-relative directory as the file names have it: "" for the top."""
+    if not isinstance(path, str) or path in ("", "."):
+        return ""
+    return posixpath.normpath(path).strip("/")
 
 
 def cfg_list(value: str) -> list[str]:
@@ -582,8 +589,12 @@ def fabric_yaml(app: str, found: App, deploy_to: str, source: str) -> str:
         ""])
 
 
+YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}  # not strings
+
+
 def scalar(value: str) -> str:
-    """A YAML scalar: plain where that reads the same, else JSON's quoting (valid YAML)."""
-    if re.fullmatch(r"[A-Za-z_/~][\w.:/()~-]*", value) and not value.endswith(":"):
+    """A YAML scalar: plain where that reads back the same, else JSON's quoting (valid YAML)."""
+    if re.fullmatch(r"[A-Za-z_/~][\w.:/()~-]*", value) and not value.endswith(":") \
+            and value.lower() not in YAML_WORDS:
         return value
     return json.dumps(value)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from invoke.util import yaml  # Invoke's own YAML: what fab reads fabric.yaml with
 
-from conftest import FAB, wipe_host
+from conftest import FAB, merged, wipe_host
 from fabdeploy import scaffold
 from fabdeploy.__main__ import read_project
 from fabdeploy.errors import DeployError
@@ -82,6 +82,15 @@ CASES = {
         {"setup.py": 'from setuptools import setup\nNAME = "site"\n'
                      'setup(name=NAME, py_modules=["wsgi"])\n', "wsgi.py": OBJECT},
         "site", "wsgi:app"),
+    "setup.py find_packages('src') and package_dir": (
+        {"setup.py": 'from setuptools import setup, find_packages\nsetup(name="shop", '
+                     'packages=find_packages("src"), package_dir={"": "src"})\n',
+         "src/shop/__init__.py": FACTORY},
+        "shop", "shop:create_app()"),
+    "setup.py find_packages('.') and a wsgi.py it does not install": (
+        {"setup.py": 'import setuptools\nsetuptools.setup(name="shop", packages=setuptools.find_packages("."))\n',
+         "shop/__init__.py": "", "shop/web.py": FACTORY, "wsgi.py": OBJECT},
+        "shop", "shop.web:create_app()"),
     "pyproject [tool.setuptools] packages and package-dir": (
         {"pyproject.toml": SETUPTOOLS + '[project]\nname = "blog"\n[tool.setuptools]\n'
                            'packages = ["blog"]\npackage-dir = {"" = "lib"}\n',
@@ -134,7 +143,7 @@ ERRORS = {
     "no metadata": ({"app.py": OBJECT}, "no pyproject.toml, setup.cfg or setup.py in .",
                     "run fabdeploy init in your project"),
     "no name": ({"pyproject.toml": SETUPTOOLS, "setup.py": "from setuptools import setup\nsetup()\n"},
-                "pyproject.toml nor setup.py names the project", "set [project] name"),
+                "no project name in pyproject.toml or setup.py", "set [project] name"),
     "pyproject does not parse": ({"pyproject.toml": "[project\n"}, "pyproject.toml does not parse",
                                  "fix it"),
     "setup.py does not parse": ({"setup.py": "setup(\n"}, "setup.py does not parse: line 1",
@@ -197,7 +206,8 @@ def test_existing_files_are_never_overwritten_unforced_nor_shadowed(existing, fo
 
 @pytest.mark.parametrize("value, written", [
     ("hello", "hello"), ("hello_flat:create_app()", "hello_flat:create_app()"),
-    ("/srv/hello-flat", "/srv/hello-flat"), ("", '""'), ("a: b", '"a: b"'), ("yes #", '"yes #"')])
+    ("/srv/hello-flat", "/srv/hello-flat"), ("~/srv/x", "~/srv/x"), ("", '""'), ("a: b", '"a: b"'),
+    ("yes #", '"yes #"'), ("no", '"no"'), ("Null", '"Null"'), ("~", '"~"'), ("1.0", '"1.0"')])
 def test_yaml_scalars_read_back_as_written(value, written):
     assert scaffold.scalar(value) == written
     assert yaml.safe_load(f"k: {written}")["k"] == value
@@ -219,7 +229,8 @@ def test_cli_writes_then_refuses_to_overwrite_then_forces(tmp_path):
     project = copy_project("flat", tmp_path)
     first = init(cwd=project)
     assert first.returncode == 0, first.stderr
-    assert "hello-flat: hello_flat:create_app() (hello_flat/__init__.py)" in first.stdout
+    assert first.stdout.startswith("hello-flat: hello_flat:create_app() (found in "
+                                   "hello_flat/__init__.py; the project is named in pyproject.toml)\n")
     assert "wrote fabfile.py, fabric.yaml" in first.stdout and "ProxyFix" in first.stdout
     (project / "fabfile.py").write_text("# mine\n")
     again = init(str(project), cwd=tmp_path)
@@ -277,7 +288,7 @@ def test_each_layout_deploys_without_edits(name, host, tmp_path, fresh_wheel_cac
     config = yaml.safe_load((project / "fabric.yaml").read_text())
     app = config["fabdeploy"]["app"]
     try:
-        merge(config, host.fabric_yaml(app))
+        config = merged(config, host.fabric_yaml(app))
         (project / "fabric.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
         deploy = subprocess.run([FAB, "-H", host.host_string, "deploy"], cwd=project,
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
@@ -287,10 +298,3 @@ def test_each_layout_deploys_without_edits(name, host, tmp_path, fresh_wheel_cac
     finally:
         wipe_host(host)
 
-
-def merge(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
