@@ -50,3 +50,12 @@ def wipe_host(host) -> None:
                      "kill \"$(cat \"$p\")\"; done; rm -rf ~/srv", check=False)
     for site in host.site_dir.glob("*.conf"):
         site.unlink()
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """base with extra's keys laid over it, nested mappings merged (fabric.yaml's way)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
