@@ -203,7 +203,8 @@ def value_of(node: ast.AST, names: dict) -> object:
         plain = {k: value_of(v, names) for k, v in args.items() if v is not None}
         if any(v is UNKNOWN for v in plain.values()):
             return UNKNOWN
-        return Find(where=plain_dir(plain.get("where", "")), include=tuple(plain.get("include", ("*",))),
+        return Find(where=plain_dir(plain.get("where", "")),
+                    include=tuple(plain.get("include", ("*",))),
                     exclude=tuple(plain.get("exclude", ())),
                     namespaces=call_name(node) == "find_namespace_packages")
     try:
@@ -293,18 +294,15 @@ def setuptools_modules(files: Files) -> list[Module]:
 
 
 def setuptools_config(files: Files) -> tuple[object, object, dict]:
-    """(packages, py_modules, package_dir): the first of pyproject.toml, setup.py, setup.cfg that says."""
+    """(packages, py_modules, package_dir), each from the first of pyproject.toml, setup.py
+    and setup.cfg that gives it; None where none does."""
     tool = toml(files).get("tool", {}).get("setuptools", {})
+    call = setup_py(files)
     cfg = setup_cfg(files)
     options = dict(cfg["options"]) if cfg.has_section("options") else {}
-    call = setup_py(files)
-    packages = tool.get("packages")
-    if isinstance(packages, dict):  # packages.find
-        find = packages.get("find", {})
-        packages = Find(where=plain_dir((find.get("where") or [""])[0]), include=tuple(find.get("include", ["*"])),
-                        exclude=tuple(find.get("exclude", [])), namespaces=find.get("namespaces", True))
-    elif packages is None and "packages" in call:
-        packages = call["packages"]
+    packages = tool.get("packages", call.get("packages"))
+    if isinstance(packages, dict):
+        packages = pyproject_find(packages.get("find", {}))
     elif packages is None and "packages" in options:
         packages = cfg_packages(cfg, options["packages"])
     modules = tool.get("py-modules", call.get("py_modules"))
@@ -312,13 +310,18 @@ def setuptools_config(files: Files) -> tuple[object, object, dict]:
         modules = cfg_list(options["py_modules"])
     package_dir = tool.get("package-dir", call.get("package_dir"))
     if package_dir is None and "package_dir" in options:
-        package_dir = dict(line.split("=", 1) for line in cfg_list(options["package_dir"]) if "=" in line)
-        package_dir = {k.strip(): v.strip() for k, v in package_dir.items()}
-    unknown = [v is UNKNOWN for v in (packages, modules, package_dir)]
-    if any(unknown):  # not plain values: let setuptools' discovery speak for them
-        packages, modules = (None if unknown[0] else packages), (None if unknown[1] else modules)
-        package_dir = {} if unknown[2] else package_dir
-    return packages, modules, dict(package_dir or {})
+        pairs = [line.split("=", 1) for line in cfg_list(options["package_dir"]) if "=" in line]
+        package_dir = {key.strip(): value.strip() for key, value in pairs}
+    # A value that is not plain (computed in setup.py): setuptools' discovery speaks for it.
+    packages, modules = (None if v is UNKNOWN else v for v in (packages, modules))
+    return packages, modules, {} if package_dir in (None, UNKNOWN) else dict(package_dir)
+
+
+def pyproject_find(find: dict) -> Find:
+    """[tool.setuptools.packages.find]; namespaces are on by default there."""
+    return Find(where=plain_dir((find.get("where") or [""])[0]),
+                include=tuple(find.get("include", ["*"])), exclude=tuple(find.get("exclude", [])),
+                namespaces=find.get("namespaces", True))
 
 
 def cfg_packages(cfg: configparser.ConfigParser, value: str) -> object:
@@ -386,20 +389,20 @@ def discover(files: Files, find: Find, package_dir: dict) -> list[str]:
 
 
 def auto_discovered(files: Files, package_dir: dict) -> list[Module]:
-    """setuptools' automatic discovery: a src/ layout, else one flat package or module."""
-    if any(f.startswith("src/") and f.endswith(".py") for f in files) and "" not in package_dir:
+    """setuptools' automatic discovery: a src/ layout, else the flat packages, else the modules."""
+    if "" not in package_dir and any(f.startswith("src/") and f.endswith(".py") for f in files):
         package_dir = {"": "src"}
     base = package_dir.get("", "").strip("/")
-    prefix = base + "/" if base else ""
-    tops = sorted({f[len(prefix):].split("/")[0] for f in files
-                   if f.startswith(prefix) and f.endswith(".py") and "/" in f[len(prefix):]})
-    tops = [t for t in tops if t.isidentifier() and t not in NOT_PACKAGES and not t.startswith("_")]
-    if tops:
-        return [m for t in tops for m in package_at(files, prefix + t)]
-    return [Module(f[len(prefix):-3], f) for f in sorted(files)
-            if f.startswith(prefix) and f.endswith(".py") and "/" not in f[len(prefix):]
-            and f[len(prefix):-3].isidentifier() and f[len(prefix):-3] not in NOT_MODULES
-            and not f[len(prefix):].startswith("_")]
+    inside = {(f[len(base) + 1:] if base else f): f for f in files
+              if f.endswith(".py") and (not base or f.startswith(base + "/"))}
+    packages = sorted({rel.split("/")[0] for rel in inside if "/" in rel})
+    packages = [p for p in packages if p.isidentifier() and p not in NOT_PACKAGES
+                and not p.startswith("_")]
+    if packages:
+        return [m for p in packages for m in package_at(files, posixpath.join(base, p))]
+    return [Module(rel[:-3], path) for rel, path in sorted(inside.items())
+            if "/" not in rel and rel[:-3].isidentifier() and rel[:-3] not in NOT_MODULES
+            and not rel.startswith("_")]
 
 
 # -- the app -------------------------------------------------------------------
@@ -425,8 +428,9 @@ def find_app(files: Files, modules: list[Module], name: str) -> App:
         where = ", ".join(sorted(m.path for m in trees)[:5]) + (", ..." if len(trees) > 5 else "")
         if needy:
             module, func = needy[0]
+            example = f"{module.name}:{func}('production')"
             raise DeployError(f"{func}() in {module.path} needs arguments",
-                              hint=f"set wsgi in fabric.yaml, e.g. wsgi: \"{module.name}:{func}('production')\"")
+                              hint=f"set wsgi in fabric.yaml, e.g. wsgi: \"{example}\"")
         raise DeployError(f"found no create_app(), make_app() or app = Flask(...) in {where}",
                           hint="set wsgi in fabric.yaml, e.g. wsgi: package.module:app")
     _, module, what, wsgi, instance = min(candidates, key=lambda c: c[0])
@@ -477,7 +481,8 @@ def app_candidates(module: Module, tree: ast.Module) -> tuple[list[tuple], list[
 
 
 def assignment(node: ast.AST) -> tuple[str | None, ast.AST | None]:
-    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+            and isinstance(node.targets[0], ast.Name):
         return node.targets[0].id, node.value
     if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
         return node.target.id, node.value

@@ -91,6 +91,10 @@ CASES = {
         {"setup.py": 'import setuptools\nsetuptools.setup(name="shop", packages=setuptools.find_packages("."))\n',
          "shop/__init__.py": "", "shop/web.py": FACTORY, "wsgi.py": OBJECT},
         "shop", "shop.web:create_app()"),
+    "setuptools' discovery: one module at the top; tests, docs and the fabfile aside": (
+        {"pyproject.toml": SETUPTOOLS + '[project]\nname = "one"\n', "app.py": OBJECT,
+         "fabfile.py": scaffold.FABFILE, "tests/test_app.py": FACTORY, "docs/conf.py": OBJECT},
+        "one", "app:app"),
     "pyproject [tool.setuptools] packages and package-dir": (
         {"pyproject.toml": SETUPTOOLS + '[project]\nname = "blog"\n[tool.setuptools]\n'
                            'packages = ["blog"]\npackage-dir = {"" = "lib"}\n',
