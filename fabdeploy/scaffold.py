@@ -14,7 +14,7 @@ import posixpath
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from .errors import DeployError
 
@@ -194,7 +194,7 @@ def setup_py(files: Files) -> dict:
     return {kw.arg: value_of(kw.value, names) for kw in call.keywords if kw.arg}
 
 
-def value_of(node: ast.AST, names: dict) -> object:
+def value_of(node: ast.AST, names: dict) -> Any:
     if isinstance(node, ast.Name) and node.id in names:
         return names[node.id]
     if isinstance(node, ast.Call) and call_name(node) in ("find_packages", "find_namespace_packages"):
@@ -293,7 +293,7 @@ def setuptools_modules(files: Files) -> list[Module]:
     return found
 
 
-def setuptools_config(files: Files) -> tuple[object, object, dict]:
+def setuptools_config(files: Files) -> tuple[Any, Any, dict]:
     """(packages, py_modules, package_dir), each from the first of pyproject.toml, setup.py
     and setup.cfg that gives it; None where none does."""
     tool = toml(files).get("tool", {}).get("setuptools", {})
@@ -324,7 +324,7 @@ def pyproject_find(find: dict) -> Find:
                 namespaces=find.get("namespaces", True))
 
 
-def cfg_packages(cfg: configparser.ConfigParser, value: str) -> object:
+def cfg_packages(cfg: configparser.ConfigParser, value: str) -> Find | list[str]:
     if value.strip() in ("find:", "find_namespace:"):
         find = cfg["options.packages.find"] if cfg.has_section("options.packages.find") else {}
         return Find(where=plain_dir(find.get("where", "").strip()),
@@ -416,8 +416,11 @@ def find_app(files: Files, modules: list[Module], name: str) -> App:
     if not modules:
         raise DeployError(f"found no package or module that the wheel of {name} installs",
                           hint="check the packages or py-modules settings of your build")
-    trees = {m: parse(files[m.path], m.path) for m in modules if not is_test(m)}
-    trees = {m: tree for m, tree in trees.items() if tree is not None}
+    trees: dict[Module, ast.Module] = {}
+    for module in modules:
+        tree = None if is_test(module) else parse(files[module.path], module.path)
+        if tree is not None:
+            trees[module] = tree
     candidates, needy = [], []
     for module, tree in trees.items():
         found, needs_arguments = app_candidates(module, tree)
