@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from invoke import Collection, task
+from invoke.exceptions import Exit
 
 from fabdeploy import deploy, releases, rollback, rotate_secret, unlock
 from harness.local_host import LocalHost
@@ -61,5 +62,22 @@ def bench(c, runs=5, fleet="1,5,20", write=""):
           pty=False, in_stream=False)
 
 
+@task(help={"outdir": "where the wheel and the sdist go (default dist/)"})
+def dist(c, outdir="dist"):
+    """Build fabdeploy's sdist, then its wheel from that sdist, into dist/ (nothing is published)."""
+    out = (ROOT / outdir).resolve()
+    for old in [*out.glob("fabdeploy-*.whl"), *out.glob("fabdeploy-*.tar.gz")]:
+        old.unlink()  # one version in dist/, so an upload of dist/* sends that one only
+    # setuptools merges a leftover SOURCES.txt into the next sdist: files deleted since would return.
+    for stale in (ROOT / "build", ROOT / "fabdeploy.egg-info"):
+        shutil.rmtree(stale, ignore_errors=True)
+    result = c.run(f"{sys.executable} -m build --outdir {shlex.quote(str(out))} {shlex.quote(str(ROOT))}",
+                   hide=True, warn=True, pty=False, in_stream=False)
+    if result.failed:
+        raise Exit(f"{result.stdout}{result.stderr}dist: the build failed (its output is above)", code=1)
+    for built in sorted(out.glob("fabdeploy-*")):
+        print(built.relative_to(ROOT) if built.is_relative_to(ROOT) else built)
+
+
 # fabdeploy's tasks sit next to this project's own: `fab -c tasks -H host deploy`.
-ns = Collection(test, demo, demo_stop, bench, deploy, rollback, releases, unlock, rotate_secret)
+ns = Collection(test, demo, demo_stop, bench, dist, deploy, rollback, releases, unlock, rotate_secret)

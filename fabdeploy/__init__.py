@@ -3,6 +3,8 @@
 In a fabfile.py:  from fabdeploy import ns
 In a tasks.py:    from fabdeploy import deploy, rollback, releases, unlock, rotate_secret
 """
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
+
 from invoke import Collection
 
 from .tasks import deploy, logs, provision, releases, rollback, rotate_secret, status, unlock
