@@ -60,7 +60,11 @@ def third_party_imports() -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"fabdeploy", "__future__"}
+    return names - set(sys.stdlib_module_names) - {"fabdeploy", "__future__"} - OPTIONAL
+
+
+# Imported only where installed, inside a try: buildenv.find_uv uses the `uv` package if it is there.
+OPTIONAL = {"uv"}
 
 
 def test_dependencies_are_exactly_what_fabdeploy_imports():
