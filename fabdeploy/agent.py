@@ -663,8 +663,13 @@ def server_gone(args, started):
         fields = stat_fields(pid) if pid else None
         return not fields or fields[0] == "Z"  # a dead daemon may linger as a zombie
     if args.get("unit"):
-        state = subprocess.run(["systemctl", "is-failed", "--quiet", args["unit"]])
-        return state.returncode == 0
+        # Failed, or exited once already and waiting to be restarted: either way the
+        # server did not come up, and systemd's restarts would only repeat that.
+        shown = subprocess.run(["systemctl", "show", "-p", "ActiveState,SubState,NRestarts", args["unit"]],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True).stdout
+        state = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+        return (state.get("ActiveState") == "failed" or state.get("SubState") == "auto-restart"
+                or int(state.get("NRestarts") or 0) > 0)
     return False
 
 

@@ -194,9 +194,11 @@ def batches(targets: list[Target], batch: int) -> list[list[Target]]:
 
 # -- deploy -----------------------------------------------------------------
 
-def prepare(t: Target, printer: Printer) -> None:
-    run_steps(t, ph.PREPARE, printer)
-    if not t.unchanged:
+def prepare(t: Target, printer: Printer, steps=ph.PREPARE) -> None:
+    run_steps(t, steps, printer)
+    if t.repaired:
+        printer.line(f"[{t.host.name}] repaired: {t.repaired}", always=True)
+    if steps is ph.PREPARE and not t.unchanged:
         run_steps(t, ph.INSTALL, printer)
 
 
@@ -292,7 +294,7 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
 
 def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
     try:
-        failures = runner.each(targets, lambda t: run_steps(t, ph.ROLLBACK_PREPARE, printer))
+        failures = runner.each(targets, lambda t: prepare(t, printer, ph.ROLLBACK_PREPARE))
         names = {t.release for t in targets}
         if not failures and len(names) > 1:
             failures = {targets[0]: DeployError(

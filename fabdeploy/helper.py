@@ -7,8 +7,8 @@ the root-owned record provision wrote (/etc/fabdeploy/apps/<app>.json), never
 from its caller, and accepts only these verbs, each argument checked:
 
   start|stop|retire|reset-failed RELEASE      a release's unit
-  enable RELEASE [OLD]                        started at boot instead of OLD
-  keep RELEASE [RELEASE]                      stop (and forget) every other release's unit
+  enable RELEASE                              started at boot
+  keep RELEASE [RELEASE]                      stop and disable every other release's unit
   reload                                      HUP the releases that run (rotate-secret)
   route-tcp PORT                              the site variant for PORT, tested and reloaded
   audit                                       append the JSON object on stdin to root's audit log
@@ -125,16 +125,21 @@ def reset_failed(reg, args):
 
 def enable(reg, args):
     systemctl("enable", "--quiet", unit(reg, args[0]))
-    for old in args[1:2]:
-        systemctl("disable", "--quiet", unit(reg, old), check=False)
 
 
 def keep(reg, args):
+    """Only these releases run, and start at boot: current and its warm standby."""
     kept = set(unit(reg, name) for name in args[:2])
-    for name, _ in app_units(reg):
+    enabled = out_lines(systemctl("list-unit-files", "--plain", "--no-legend", "--state=enabled",
+                                  reg["app"] + "@*.service", check=False).stdout)
+    for name in set(n for n, _ in app_units(reg)) | set(enabled):
         if name not in kept:
             systemctl("disable", "--now", "--no-block", name, check=False)
             systemctl("reset-failed", name, check=False)
+
+
+def out_lines(text):
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
 
 
 def reload(reg, args):
@@ -193,7 +198,7 @@ def audit(reg, args):
 
 
 VERBS = {"start": (start, 1, 1), "stop": (stop, 1, 1), "retire": (retire, 1, 1),
-         "reset-failed": (reset_failed, 1, 1), "enable": (enable, 1, 2), "keep": (keep, 1, 2),
+         "reset-failed": (reset_failed, 1, 1), "enable": (enable, 1, 1), "keep": (keep, 1, 2),
          "reload": (reload, 0, 0), "route-tcp": (route_tcp, 1, 1), "audit": (audit, 0, 0)}
 
 

@@ -61,11 +61,11 @@ def rotate(t: Target) -> None:
             raise DeployError(f"cannot rotate {t.layout.config_py}: {type(exc).__name__}", t.host.name,
                               hint="fix config.py by hand") from None
         write = Write(t.layout.config_py, rotated, mode=0o600, secret=True, what=f"writing {t.layout.config_py}")
-        ops = [write, plan.reload_servers(t.settings, t.layout, t.manager)]
+        # Audited as soon as the key is in: even if a reload fails after, it was rotated.
+        ops = [write, ph.audit_op(t, "rotate-secret"), plan.reload_servers(t.settings, t.layout, t.manager)]
         if t.current and t.settings.proxy.enabled:
             bind = t.facts.current_bind or Bind.unix(t.layout.live_socket)
             ops.append(plan.health_via_proxy(t.settings, render.stamp(t.settings, bind), 10))
-        ops.append(ph.audit_op(t, "rotate-secret"))
         run_ops(t, "rotate", ops, interruptible=False)
     finally:
         ph.release_lock(t)

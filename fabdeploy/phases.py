@@ -54,6 +54,7 @@ class Target:
     action: str = "deploy"
     checked: bool = False      # route checked the release through nginx's preview
     force: bool = False        # deploy even the wheel that is current
+    repaired: str = ""         # what the deploy found half switched and put right
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -194,6 +195,25 @@ def release_lock(t: Target) -> None:
 
 def ops_phase(name: str, ops: list[Op]) -> Phase:
     return Phase(name, tuple(ops))
+
+
+def half_switched(t: Target) -> bool:
+    """live.sock names another release than current: a switch was cut between its two steps."""
+    current = t.facts.current_release if t.facts else None
+    return bool(current and current.bind and current.bind.is_unix and t.facts.live_target
+                and t.facts.live_target != t.current)
+
+
+def repair(t: Target) -> list[Op]:
+    """The live link back to current, which only a completed switch moves (its record with it)."""
+    bind = t.facts.current_release.bind
+    t.repaired = (f"live.sock pointed at {t.facts.live_target}, not at current {t.current}:"
+                  f" pointed it back at {t.current}")
+    return [Link(t.layout.live_socket, bind.path, what="repairing the live link")]
+
+
+def say_repaired(t: Target, results: dict) -> None:
+    t.facts = dataclasses.replace(t.facts, live_target=t.current)
 
 
 # -- preparing ------------------------------------------------------------------------
@@ -535,6 +555,12 @@ def explain(t: Target, op: Op, error: dict) -> DeployError:
                         f"remove it (fab provision does) or set proxy.server_name")
             return DeployError(f"{op.what} failed: {answer}", name, hint=hint)
         log = error.get("log") or ""
+        cause = server_cause(log) if "the server exited" in answer else None
+        if cause:
+            release = op.what.removesuffix(" is unhealthy")
+            return DeployError(f"{release} cannot start: {cause}", name,
+                               hint="the old release keeps serving; fix the app or fabdeploy.wsgi",
+                               detail=app_error(log) if log.strip() else None)
         return DeployError(f"{op.what}: {answer}", name,
                            hint="the old release keeps serving; see the app's error above",
                            detail=app_error(log) if log.strip() else None)
@@ -551,6 +577,10 @@ def explain(t: Target, op: Op, error: dict) -> DeployError:
                            hint=op.hint or "is the host provisioned with this fabric.yaml? "
                                            "run fab -H root@<host> provision")
     how = error.get("message") or "failed"
+    cause = server_cause(output) if op.what.startswith("flask ") else None
+    if cause:  # the app itself does not load: not the init command's fault
+        return DeployError(f"{op.what} failed: the app does not load: {cause}", name,
+                           hint="fix the app or fabdeploy.wsgi", detail=tail(output) or None)
     return DeployError(f"{op.what} failed ({how})", name, hint=op.hint, detail=tail(output) or None)
 
 
@@ -561,6 +591,27 @@ def first_line(text: str) -> str:
 
 def disk_full(output: str) -> bool:
     return "No space left on device" in output or "Errno 28" in output or "os error 28" in output
+
+
+# What each server says when it cannot load the app, most telling first.
+CAUSES = [
+    re.compile(r"(Failed to find attribute '[^']*' in '[^']*'\.?)"),         # gunicorn, flask
+    re.compile(r"(Failed to find application object: '[^']*')"),             # gunicorn
+    re.compile(r"Error: (Bad (?:module|object name) '[^']*')"),                # waitress-serve
+    re.compile(r"Error: (While importing '[^']*', an ImportError was raised)"),  # flask
+    re.compile(r"^((?:ModuleNotFoundError|ImportError): .*)$", re.M),         # any of them
+    re.compile(r"(unable to load app \d+ .*)$", re.M),                        # uWSGI
+    re.compile(r"(Could not import '[^']*'\.?)"),                             # flask
+]
+
+
+def server_cause(log: str) -> str | None:
+    """The server's own line for why the app did not load, if the log has one."""
+    for pattern in CAUSES:
+        found = pattern.search(log)
+        if found:
+            return found.group(1).strip()
+    return None
 
 
 def app_error(log: str, lines: int = 20) -> str:
@@ -629,6 +680,7 @@ PREPARE = (
     Step("lock", lock_while_building, when=real_run, done=locked, shown=laid_out),
     Step("build", await_wheel, remote=False),
     Step("lock", lock, when=not_yet_locked, done=locked),
+    Step("repair", repair, when=half_switched, done=say_repaired, printed=False),
     Step("check", check_unchanged, remote=False, printed=False),
     Step("wheelhouse", fetch_wheelhouse, remote=False, when=changed),
 )
@@ -668,6 +720,8 @@ def pick_target(t: Target) -> None:
     t.release = before.name
 
 
-ROLLBACK_PREPARE = (CONNECT, LOCK, Step("pick", pick_target, remote=False, printed=False),
+ROLLBACK_PREPARE = (CONNECT, LOCK,
+                    Step("repair", repair, when=half_switched, done=say_repaired, printed=False),
+                    Step("pick", pick_target, remote=False, printed=False),
                     Step("configure", configure_rollback), Step("start", start))
 UNLOCK = (Step("unlock", lambda t: [plan.unlock(t.layout)], done=unlocked, printed=False),)

@@ -116,7 +116,7 @@ def compile_bytecode(layout: Layout, release: str, like: str | None) -> Compile:
 
 def link_instance(settings: Settings, layout: Layout, release: str) -> str:
     """Point the venv's Flask instance folder at the shared one."""
-    link = layout.instance_link(release, settings.import_name)
+    link = layout.instance_link(release, settings.instance_name)
     return (f"mkdir -p {quote(link.rsplit('/', 1)[0])}"
             f" && ln -sfn {quote(layout.instance)} {quote(link)}")
 
@@ -232,8 +232,8 @@ def publish(settings: Settings, layout: Layout, release: str, old: str | None, k
     """Switch `current`; at boot systemd starts only it; stop what is not kept."""
     steps = switch_current(layout, release)
     if manager == "systemd":
-        steps.append(Helper(settings.app, ("enable", release, *([old] if old else [])),
-                            what="enabling the release at boot"))
+        # The warm standby is enabled too: after a reboot a rollback is as fast as before.
+        steps.append(Helper(settings.app, ("enable", release), what="enabling the release at boot"))
     steps.append(stop_others(settings, layout, keep, manager))
     return steps
 

@@ -271,10 +271,12 @@ def steps(settings: Settings, user: str, key: str, facts: RootFacts, replace: bo
         checked(f"user {user}", f"id -u {quote(user)}",
                 f"useradd --create-home --user-group --shell /bin/bash {quote(user)}"),
     ]
-    members = [user] + ([PROXY_USER] if settings.proxy.enabled else [])
-    found.append(checked(f"{' and '.join(members)} in {group}",
-                         " && ".join(f"id -nG {quote(m)} | tr ' ' '\\n' | grep -qx {quote(group)}" for m in members),
-                         " && ".join(f"usermod -aG {quote(group)} {quote(m)}" for m in members)))
+    # Exactly these: a user who deployed the app before (provision.user changed) leaves it.
+    members = ",".join(sorted([user] + ([PROXY_USER] if settings.proxy.enabled else [])))
+    found.append(checked(f"{group}'s members {members}",
+                         f"[ \"$(getent group {quote(group)} | cut -d: -f4 | tr , '\\n' | sort | paste -sd,)\""
+                         f" = {quote(members)} ]",
+                         f"gpasswd -M {quote(members)} {quote(group)}"))
     found.append(checked(f"{user}'s authorized key", f"grep -qxF {quote(key)} {keys}",
                          f"install -d -m 0700 -o {quote(user)} -g {quote(user)} {quote(home)}/.ssh"
                          f" && printf '%s\\n' {quote(key)} >> {keys}"

@@ -196,6 +196,12 @@ class Settings:
         return self.app.replace("-", "_")
 
     @property
+    def instance_name(self) -> str:
+        """Flask names an installed app's instance folder after the module that made it:
+        wsgi's module, for `Flask(__name__)` there (venv/var/<module>-instance)."""
+        return self.wsgi.split(":", 1)[0]
+
+    @property
     def group(self) -> str:
         """The app's own group: its sockets and units, with the proxy's user in it."""
         return f"fd-{self.app}"

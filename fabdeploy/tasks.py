@@ -9,14 +9,16 @@ for every task, so each body below is its own logic only.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import json as jsonlib
 import os
 import signal
+import sys
 from pathlib import Path
 
-from fabric import Connection
+from fabric import Config, Connection
 from invoke import Task
 from invoke.exceptions import Exit
 
@@ -37,12 +39,38 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def misspelt_section(config) -> None:
+    """A top-level key of fabric.yaml close to `fabdeploy` is a typo, not a section of its own."""
+    known = set(Config.global_defaults()) | {"fabdeploy"}
+    for key in config:
+        if key not in known and difflib.get_close_matches(key, ["fabdeploy"], n=1, cutoff=0.75):
+            raise DeployError(f"fabric.yaml has a section {key!r}, not 'fabdeploy': its settings would be"
+                              " ignored", hint="did you mean 'fabdeploy'? fix fabric.yaml")
+
+
+def unparsable_config(kind, value, trace, previous=sys.excepthook):
+    """A fabric.yaml that does not parse: one line naming the file and line, not a traceback.
+
+    Invoke reads the file before any task runs, so the error can only be met here.
+    """
+    mark = getattr(value, "problem_mark", None)
+    if "yaml" in type(value).__module__.split(".") and mark is not None and not os.environ.get("FABDEPLOY_DEBUG"):
+        print(f"fabdeploy: {mark.name}:{mark.line + 1}: {getattr(value, 'problem', value)}"
+              " (fix the YAML, e.g. its indentation or quoting)", file=sys.stderr)
+        sys.exit(1)
+    previous(kind, value, trace)
+
+
+sys.excepthook = unparsable_config
+
+
 class Invocation:
     """One task's run: the settings, the hosts, what prints, what runs them."""
 
     def __init__(self, c, conns: list, stage: str | None, quiet: bool = False, json: bool = False,
                  parallel: int = 10, dry_run: bool = False):
         base = getattr(c.config, "_project_prefix", None) or os.getcwd()
+        misspelt_section(c.config)
         self.config = c.config
         self.settings: Settings = resolve(c.config.get("fabdeploy", {}), Path(base), stage)
         warn(self.settings)

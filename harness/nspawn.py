@@ -2,9 +2,16 @@
 
 Each host boots a cached debootstrap image through an overlay (or a copy) under
 <workdir>/<name>/tree/root, runs systemd, sshd and nginx, and is reached at
-10.231.<index>.2 from the host side's 10.231.<index>.1. NspawnHost.run() enters the
-container's namespaces with nsenter rather than ssh, so it still works when a test
-has broken sshd or the network. Needs root.
+10.231.<index>.2 (and fd42:fd:<index>::2) from the host side's 10.231.<index>.1
+(fd42:fd:<index>::1). NspawnHost.run() enters the container's namespaces with
+nsenter rather than ssh, so it still works when a test has broken sshd or the
+network. Needs root.
+
+A host is fresh the way a new VPS is: root logs in with a key, and there is no
+deploy user and no sudo rule; `fab -H root@host provision` makes them. The
+image also holds what later steps need offline (the hosts have no network
+beyond their veth): Apache, PostgreSQL, certbot and a compiler are installed
+but not running, as a cloud image with them preinstalled would be.
 """
 
 import concurrent.futures
@@ -25,9 +32,16 @@ from typing import Iterator
 
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "openssh-server", "nginx", "python3",
-            "python3-venv", "sudo", "iproute2", "ca-certificates"]
+            "python3-venv", "sudo", "iproute2", "ca-certificates", "logrotate", "sqlite3"]
+# For what provision sets up later, offline: ACME, one database for a fleet, Apache in
+# front, and mod_wsgi built against it. Installed by apt in the new root (debootstrap's
+# own resolver does not follow virtual packages, which certbot's dependencies need).
+LATER_PACKAGES = ["certbot", "python3-certbot-nginx", "postgresql", "apache2", "apache2-dev", "gcc",
+                  "python3-dev"]
+# Installed, but not started at boot: provision enables what a host's settings need.
+DISABLED_UNITS = ["apache2.service", "postgresql.service", "certbot.timer"]
 # Bump when the image recipe changes, so stale caches are rebuilt instead of reused.
-IMAGE_VERSION = "3"
+IMAGE_VERSION = "5"
 MARKER = ".fabdeploy-image"
 DEFAULT_CACHE = "/var/cache/fabdeploy-test/bookworm"
 # Units that hang, fail or reach for the internet in a container without real hardware.
@@ -133,14 +147,20 @@ def image_complete(cache: pathlib.Path) -> bool:
 def debootstrap(root: pathlib.Path) -> None:
     """Install a bookworm system with our packages into root."""
     run_argv("debootstrap", "--include=" + ",".join(PACKAGES), "bookworm", root, MIRROR)
+    # No service starts while the image is made: policy-rc.d's 101 says "not now".
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        env = {"PATH": CONTAINER_PATH, "DEBIAN_FRONTEND": "noninteractive", "LANG": "C.UTF-8"}
+        run_argv("chroot", root, "apt-get", "update", env=env)
+        run_argv("chroot", root, "apt-get", "install", "-y", "--no-install-recommends", *LATER_PACKAGES, env=env)
+    finally:
+        policy.unlink()
 
 
 def customise_image(root: pathlib.Path) -> None:
-    """Apply the settings every test host shares."""
-    run_argv("chroot", root, "useradd", "--create-home", "--shell", "/bin/bash", "deploy")
-    sudoers = root / "etc/sudoers.d/deploy"
-    sudoers.write_text("deploy ALL=(ALL) NOPASSWD: ALL\n")
-    sudoers.chmod(0o440)
+    """Apply the settings every test host shares: a VPS as its provider hands it over."""
     (root / "etc/ssh/sshd_config.d/fabdeploy.conf").write_text(
         "HostKey /etc/ssh/ssh_host_ed25519_key\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
@@ -149,6 +169,9 @@ def customise_image(root: pathlib.Path) -> None:
     # The image's own systemctl: a bare CI host need not have systemd installed.
     run_argv("chroot", root, "systemctl", "enable", "ssh.service", "nginx.service")
     run_argv("chroot", root, "systemctl", "mask", *MASKED_UNITS)
+    run_argv("chroot", root, "systemctl", "disable", *DISABLED_UNITS)
+    # Apache's placeholder page would shadow nginx's own in their shared docroot.
+    (root / "var/www/html/index.html").unlink(missing_ok=True)
     (root / "etc/hostname").write_text("fabdeploy-image\n")
     # debootstrap copied the build host's resolver, unreachable from a test host; with none,
     # lookups fail at once instead of timing out, and nothing reaches for the internet.
@@ -190,7 +213,7 @@ def used_subnets() -> set[int]:
 class NspawnHost:
     """One booted Debian 12 container reachable at 10.231.<index>.2 over a veth pair."""
 
-    user = "deploy"
+    user = "deploy"  # made by provision, not by the image
 
     def __init__(self, name: str, index: int, workdir: pathlib.Path):
         if not 0 <= index <= 255:
@@ -200,6 +223,7 @@ class NspawnHost:
         self.machine = f"fdt-{token}-{index}"  # machine and netns name
         self.veth = f"fdt{token}h{index}"  # host side; at most 13 of the 15 allowed chars
         self.gateway, self.address = f"10.231.{index}.1", f"10.231.{index}.2"
+        self.gateway6, self.address6 = f"fd42:fd:{index}::1", f"fd42:fd:{index}::2"
         self.host_string = f"{self.user}@{self.address}"
         self.dir = pathlib.Path(workdir) / name
         self.tree = self.dir / "tree"  # everything stop() deletes
@@ -219,9 +243,9 @@ class NspawnHost:
     def __repr__(self) -> str:
         return f"<NspawnHost {self.name} {self.address} {self.machine}>"
 
-    def url(self, path: str = "/") -> str:
-        """HTTP URL of path on this host's nginx."""
-        return f"http://{self.address}{path}"
+    def url(self, path: str = "/", ipv6: bool = False) -> str:
+        """HTTP URL of path on this host's nginx (over IPv6: its ULA)."""
+        return f"http://[{self.address6}]{path}" if ipv6 else f"http://{self.address}{path}"
 
     def start(self) -> "NspawnHost":
         """Copy, customise, wire up and boot the container; return once ssh works."""
@@ -273,7 +297,6 @@ class NspawnHost:
         (self.root / "etc/hosts").write_text(
             f"127.0.0.1\tlocalhost\n127.0.1.1\t{self.name}\n::1\tlocalhost ip6-localhost\n")
         (self.root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-        self.authorize(self.key_file, "home/deploy", self.user)
         self.authorize(self.root_key_file, "root", "root")
 
     def authorize(self, key: pathlib.Path, home: str, owner: str) -> None:
@@ -297,8 +320,11 @@ class NspawnHost:
         run_argv("ip", "link", "add", self.veth, "type", "veth",
                  "peer", "name", "eth0", "netns", self.machine)
         run_argv("ip", "addr", "add", f"{self.gateway}/30", "dev", self.veth)
+        # nodad: usable at once, not after duplicate address detection's second or two.
+        run_argv("ip", "-6", "addr", "add", f"{self.gateway6}/64", "dev", self.veth, "nodad")
         run_argv("ip", "link", "set", self.veth, "up")
         for argv in (["addr", "add", f"{self.address}/30", "dev", "eth0"],
+                     ["-6", "addr", "add", f"{self.address6}/64", "dev", "eth0", "nodad"],
                      ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
             run_argv("ip", "-n", self.machine, *argv)
 
@@ -323,9 +349,9 @@ class NspawnHost:
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for_ssh(self, timeout: float = 60) -> None:
-        """Poll until deploy can log in with strict host key checking."""
+        """Poll until root can log in with strict host key checking."""
         deadline = time.monotonic() + timeout
-        while self.ssh("true", check=False, connect_timeout=2).returncode != 0:
+        while self.ssh("true", root=True, check=False, connect_timeout=2).returncode != 0:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.machine}: nspawn exited {self.proc.returncode}\n"
                                    + self.log_tail())

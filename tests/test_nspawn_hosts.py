@@ -38,25 +38,41 @@ def ssh(key, known_hosts, target, command):
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
-def test_deploy_logs_in_with_strict_known_hosts(hosts):
+def test_root_logs_in_with_strict_known_hosts(hosts):
     for host in hosts:
-        result = ssh(host.key_file, host.known_hosts, host.host_string, "whoami")
-        assert (result.returncode, result.stdout) == (0, "deploy\n"), result.stderr
+        result = ssh(host.root_key_file, host.known_hosts, f"root@{host.address}", "whoami")
+        assert (result.returncode, result.stdout) == (0, "root\n"), result.stderr
 
 
 def test_unknown_host_key_is_refused(hosts, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    result = ssh(hosts[0].key_file, empty, hosts[0].host_string, "true")
+    result = ssh(hosts[0].root_key_file, empty, f"root@{hosts[0].address}", "true")
     assert result.returncode == 255
     assert "Host key verification failed" in result.stderr
 
 
-def test_deploy_has_passwordless_sudo(hosts):
+def test_a_fresh_host_has_no_deploy_user_and_no_sudo_rule(hosts):
+    """As a new VPS: provision makes the deploy user and its one sudo rule, nothing else does."""
     for host in hosts:
-        result = ssh(host.key_file, host.known_hosts, host.host_string, "sudo -n id -u")
-        # Empty stderr also proves the hostname resolves; sudo warns on every call otherwise.
-        assert (result.returncode, result.stdout, result.stderr) == (0, "0\n", "")
+        assert host.run("id deploy", check=False).returncode != 0
+        assert host.run("ls /etc/sudoers.d").stdout.split() == ["README"]
+        assert host.run("getent group sudo").stdout.strip().endswith(":")  # nobody in it
+
+
+def test_what_provision_needs_offline_is_installed_but_not_running(hosts):
+    host = hosts[0]
+    for program in ("apache2ctl", "certbot", "pg_ctlcluster", "apxs", "gcc", "logrotate", "sqlite3"):
+        assert host.run(f"command -v {program}", check=False).returncode == 0, program
+    for unit in ("apache2", "postgresql", "certbot.timer"):
+        assert host.run(f"systemctl is-active {unit}", check=False).stdout.strip() == "inactive", unit
+
+
+def test_a_host_answers_over_ipv6_too(hosts):
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for host in hosts:
+        with no_proxy.open(host.url("/", ipv6=True), timeout=10) as response:
+            assert b"Welcome to nginx" in response.read()
 
 
 def test_root_logs_in_by_key_only(hosts):

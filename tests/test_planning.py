@@ -316,7 +316,7 @@ def test_switch_renames_the_release_record_with_current_and_keeps_the_old_releas
     assert (record.source, record.dest) == (f"{ROOT}/releases/R2/RELEASE.json.pending",
                                             f"{ROOT}/releases/R2/RELEASE.json")
     assert (current.link, current.target) == (f"{ROOT}/current", "releases/R2")
-    assert enable.argv == ("enable", "R2", "R1") and keep.argv == ("keep", "R2", "R1")
+    assert enable.argv == ("enable", "R2") and keep.argv == ("keep", "R2", "R1")
     assert audit.app == "guestbook" and audit.path is None  # root's log, through the helper
 
 

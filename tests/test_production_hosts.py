@@ -1,12 +1,14 @@
-"""Issue 4: production-like hosts. Three Debian 12 systemd-nspawn hosts, one project.
+"""Production hosts: three Debian 12 systemd-nspawn hosts, set up only by provision, one project.
 
-The hosts boot once for the module. Tests run in file order and build on
-each other's state (each docstring says what it starts from); the ones
-that need a clean host make one with wipe_app().
+The hosts boot as a new VPS does (root with a key, no deploy user, nginx's
+stock site) and get nothing but `fab -H root@... provision` with the
+project's fabric.yaml: the deploy user, its key, one sudo rule for
+fabdeploy's helper. Tests run in file order and build on each other's
+state (each docstring says what it starts from).
 
-fabric.yaml sets only what issue 4 allows: app, wsgi and deploy_to, plus
-how to reach the hosts (known_hosts, an operator key in connect_kwargs).
-Tests add hosts, stages or provision settings where they are the subject.
+fabric.yaml sets app, wsgi and deploy_to, how to reach the hosts (known_hosts,
+an operator key in connect_kwargs) and the key provision installs for the
+deploy user. Tests add hosts, stages or other settings where they are the subject.
 """
 import json
 import os
@@ -20,6 +22,7 @@ from collections import Counter
 
 import pytest
 
+from harness.fleet import Fleet
 from harness.nspawn import nspawn_hosts
 from harness.project import Project
 
@@ -30,42 +33,10 @@ pytestmark = [
 
 APP = "guestbook"
 ROOT = f"/srv/{APP}"
-DEPLOY_PHASES = ["connect", "build", "lock", "upload", "venv", "install", "secret",
+DEPLOY_PHASES = ["connect", "build", "lock", "wheelhouse", "upload", "venv", "install", "secret",
                  "init", "configure", "start", "route", "switch", "cleanup"]
 PHASE_LINE = re.compile(r"^\[(\S+)\] (\w+) +\d+\.\d+s$", re.M)
 INNER_PORT = 2222
-
-
-class Fleet:
-    """The hosts as one deploy target: one operator key and one known_hosts for all."""
-
-    def __init__(self, hosts, workdir):
-        self.hosts = hosts
-        self.workdir = workdir
-        self.key = workdir / "operator_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "operator",
-                        "-f", str(self.key)], check=True)
-        self.public_key = workdir / "operator_key.pub"
-        self.known_hosts = workdir / "known_hosts"
-        self.known_hosts.write_text("".join(h.known_hosts.read_text() for h in hosts))
-        for host in hosts:
-            authorize(host, "/root", self.public_key.read_text())
-            authorize(host, "/home/deploy", self.public_key.read_text())
-
-    @property
-    def host_string(self) -> str:
-        return ",".join(h.host_string for h in self.hosts)
-
-    def fabric_yaml(self, app: str) -> dict:
-        """What issue 4 allows: app, wsgi, deploy_to, and how to reach the hosts."""
-        return {"connect_kwargs": {"key_filename": str(self.key)},
-                "fabdeploy": {"app": app, "wsgi": f"{app}:create_app()", "deploy_to": f"/srv/{app}",
-                              "known_hosts": str(self.known_hosts)}}
-
-
-def authorize(host, home: str, public_key: str) -> None:
-    """Add a public key to a user's authorized_keys inside the host."""
-    host.run(f"printf '%s\\n' {shlex.quote(public_key.strip())} >> {home}/.ssh/authorized_keys")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +49,10 @@ def fleet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(fleet, tmp_path_factory):
-    """The example app, configured for all three hosts."""
-    return Project(tmp_path_factory.mktemp("project") / APP, fleet, app=APP)
+    """The example app, configured for all three hosts, which provision set up."""
+    project = Project(tmp_path_factory.mktemp("project") / APP, fleet, app=APP)
+    project.provision_output = fleet.provision(project).stdout
+    return project
 
 
 @pytest.fixture
@@ -206,10 +179,7 @@ def chattr(path, flag: str) -> None:
 
 def ssh_as(fleet, target: str, command: str) -> subprocess.CompletedProcess:
     """OpenSSH with the operator key and strict host key checking, no user config."""
-    argv = ["ssh", "-F", "/dev/null", "-i", str(fleet.key), "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", target, command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return fleet.ssh(target, command)
 
 
 def reboot(host, timeout: float = 60) -> None:
@@ -227,19 +197,10 @@ def reboot(host, timeout: float = 60) -> None:
     host.wait_for_ssh(timeout)
 
 
-def wipe_app(host) -> None:
-    """Take the app off a host: its units, unit file, site, and deploy_to."""
-    host.run(f"systemctl stop '{APP}@*.service';"
-             f" rm -f /etc/systemd/system/multi-user.target.wants/{APP}@*.service"
-             f" /etc/systemd/system/{APP}@.service /etc/nginx/sites-enabled/{APP}.conf"
-             f" && systemctl daemon-reload && chattr -R -i {ROOT} 2>/dev/null;"
-             f" rm -rf {ROOT} && systemctl reload nginx")
-
-
 # -- one deploy, the server as issue 4 wants it ------------------------------------
 
-def test_deploy_to_three_fresh_hosts_with_only_app_wsgi_and_deploy_to(fleet, project):
-    """Fresh image hosts (stock nginx site on); -H a,b,c; hardened unit, site on port 80."""
+def test_deploy_to_three_provisioned_hosts_with_only_app_wsgi_and_deploy_to(fleet, project):
+    """Hosts set up by provision alone; -H a,b,c; hardened unit in the app's group, root's site."""
     result = project.fab("deploy")
     release = current(fleet.hosts[0])
     # One release name everywhere, and nginx on port 80 serves it to visitors.
@@ -247,16 +208,26 @@ def test_deploy_to_three_fresh_hosts_with_only_app_wsgi_and_deploy_to(fleet, pro
     for host in fleet.hosts:
         assert served(host) == ("1.0.0", release)
     for host in fleet.hosts:
-        props = unit_properties(host, unit(release), "ActiveState", "UnitFileState", "User",
+        props = unit_properties(host, unit(release), "ActiveState", "UnitFileState", "User", "Group",
                                 "NoNewPrivileges", "PrivateTmp", "ProtectSystem")
         assert props == {"ActiveState": "active", "UnitFileState": "enabled", "User": "deploy",
-                         "NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectSystem": "strict"}
-        # The master and its two workers (gunicorn.workers defaults to 2).
+                         "Group": f"fd-{APP}", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+                         "ProtectSystem": "strict"}
+        # The master and its two workers (server.workers defaults to 2).
         assert unit_process_users(host, unit(release)) == ["deploy"] * 3
-        site = host.run(f"cat /etc/nginx/sites-enabled/{APP}.conf").stdout
-        assert re.search(r"^\s*listen 80;$", site, re.M), site
+        site = f"/etc/nginx/sites-enabled/{APP}.conf"
+        assert host.run(f"stat -c %U:%a {site}").stdout == "root:644\n"
+        text = host.run(f"cat {site}").stdout
+        assert re.search(r"^\s*listen 80;$", text, re.M) and re.search(r"^\s*listen \[::\]:80;$", text, re.M)
     every = ", ".join(h.host_string for h in fleet.hosts)
     assert result.stdout.splitlines()[-1].startswith(f"deployed {release} to {every} in ")
+
+
+def test_the_app_answers_over_ipv6(fleet):
+    """From the deploy above: each host's ULA, port 80, the same app and release."""
+    for host in fleet.hosts:
+        with get(host.url("/about", ipv6=True)) as response:
+            assert json.loads(response.read())["release"] == current(host)
 
 
 def test_output_is_one_line_per_host_per_phase(fleet, project):
@@ -323,21 +294,43 @@ def test_a_host_that_cannot_take_the_release_keeps_all_on_the_old_one(fleet, pro
         assert host.run(f"test -f {ROOT}/releases/{new}/FAILED", check=False).returncode == 0
 
 
-def test_batch_1_switches_one_host_at_a_time_and_stops_at_the_first_failure(fleet, project):
-    """From 1.0.1 on all; host2's nginx rejects any config, which only the switch tests.
+def stop_nginx(host):
+    """nginx stopped on a host: prepare does not need it, the switch (checked through it) fails."""
+    host.run("systemctl stop nginx")
 
-    A switch renames the live link and re-installs (and so tests) the site only where
-    it differs from what fabdeploy renders: on host2, someone edited it by hand.
-    """
+
+def test_a_host_that_fails_to_switch_takes_the_others_back_with_it(fleet, project):
+    """From 1.1.0's failure, 1.0.1 on all; host3's nginx stops between prepare and switch."""
+    before = {h.address: current(h) for h in fleet.hosts}
+    project.set_version("1.2.0")
+    broken = fleet.hosts[2]
+    stop_nginx(broken)
+    try:
+        result = project.fab("deploy", "--json", check=False)
+    finally:
+        broken.run("systemctl start nginx")
+    assert result.returncode != 0
+    doc = json.loads(result.stdout[result.stdout.index("{"):])
+    ends = {entry["host"]: (entry["current"], entry["switched"], bool(entry["error"])) for entry in doc["hosts"]}
+    for host in fleet.hosts:
+        # Every host ends where it began: current, the live link, and what visitors get.
+        assert current(host) == before[host.address], result.stderr
+        assert served(host) == ("1.0.1", before[host.address])
+        assert ends[host.host_string][:2] == (before[host.address], False), ends
+    assert ends[broken.host_string][2] and not ends[fleet.hosts[0].host_string][2], ends
+    assert broken.host_string in result.stderr
+
+
+def test_batch_1_switches_one_host_at_a_time_and_stops_at_the_first_failure(fleet, project):
+    """From 1.0.1 on all; host2's nginx is stopped, which only the switch (checked through it) needs."""
     before = {h.address: current(h) for h in fleet.hosts}
     project.set_version("1.2.0")
     first, second, third = fleet.hosts
-    second.run(f"echo '# edited by hand' >> /etc/nginx/sites-enabled/{APP}.conf")
-    second.run("echo 'this is not nginx configuration;' > /etc/nginx/conf.d/broken.conf")
+    stop_nginx(second)
     try:
         result = project.fab("deploy", "--batch", "1", check=False)
     finally:
-        second.run("rm -f /etc/nginx/conf.d/broken.conf && nginx -t -q")
+        second.run("systemctl start nginx")
     assert result.returncode != 0
     out = result.stdout
     # Every host was prepared before any switched.
@@ -349,10 +342,12 @@ def test_batch_1_switches_one_host_at_a_time_and_stops_at_the_first_failure(flee
     assert line_index(out, first, "route") < line_index(out, first, "switch"), out
     assert line_index(out, first, "switch") < line_index(out, second, "route"), out
     assert line_index(out, second, "switch") == line_index(out, third, "route") == -1, out
+    # The batch before the failing one stays on the new release, and the output says so.
     assert served_version(first) == "1.2.0" and current(first) != before[first.address]
+    assert f"the batches before stay on the new release: {first.host_string}" in out
     for host in (second, third):
         assert served_version(host) == "1.0.1" and current(host) == before[host.address]
-    assert second.host_string in result.stderr and "nginx rejected" in result.stderr
+    assert second.host_string in result.stderr and "through nginx" in result.stderr
 
 
 def test_hosts_from_config_with_their_own_settings(fleet, project, config):
@@ -417,106 +412,63 @@ def test_deploying_as_root_is_refused(fleet, project):
 
 # -- provision ------------------------------------------------------------------
 
-def make_fresh(host) -> None:
-    """A server as a cloud image hands it over: no app, no deploy user, nginx's stock site."""
-    wipe_app(host)
-    host.run("userdel -r deploy && rm -f /etc/sudoers.d/deploy"
-             " && ln -sfn /etc/nginx/sites-available/default /etc/nginx/sites-enabled/default"
-             " && systemctl reload nginx")
-    assert "Welcome to nginx" in wait_for_page(host, "Welcome to nginx")
+HELPER_RULE = f"(root) NOPASSWD: /usr/local/lib/fabdeploy/helper {APP} *"
 
 
-def wait_for_page(host, text: str, timeout: float = 15) -> str:
-    """The page at http://<address>/ once it shows text, else the last answer.
-
-    A reload only signals nginx; with no site left on port 80 it closed the
-    port, and it opens it again a moment after the reload returns.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with get(host.url("/")) as response:
-                page = response.read().decode()
-        except OSError as exc:
-            page = repr(exc)
-        if text in page or time.monotonic() > deadline:
-            return page
-        time.sleep(0.1)
-
-
-def test_provision_prepares_a_fresh_server_for_narrow_sudo_deploys(fleet, project, config):
-    """host3 made fresh; provision as root, deploy as deploy, provision again."""
-    host = fleet.hosts[2]
-    make_fresh(host)
-    config(provision={"public_key": str(fleet.public_key)})
-    as_root = f"root@{host.address}"
-    first = project.fab("provision", hosts=as_root)
-    assert f"[{as_root}] changed    user deploy" in first.stdout, first.stdout
-    assert f"[{as_root}] changed    nginx's stock default site off" in first.stdout, first.stdout
-    # Root installs the unit: whoever writes it chooses the User= it runs as.
-    assert f"[{as_root}] changed    systemd unit /etc/systemd/system/{APP}@.service" in first.stdout
-    assert host.run("test ! -e /etc/nginx/sites-enabled/default", check=False).returncode == 0
-    # The deploy user logs in with the configured key, and sudo grants it only fabdeploy's commands.
-    assert ssh_as(fleet, host.host_string, "id -un").stdout == "deploy\n"
-    rights = host.run("sudo -l -U deploy").stdout
-    for command in (f"/usr/bin/systemctl start {APP}@", f"/usr/bin/systemctl stop {APP}@",
-                    "/usr/sbin/nginx -t", "/usr/bin/systemctl reload nginx"):
-        assert command in rights, rights
-    assert f"/etc/systemd/system/{APP}@.service" not in rights, "deploy must not write the unit"
-    granted = re.findall(r"^\s+\((.*?)\) (.*)$", rights, re.M)
-    assert [runas for runas, _ in granted] == ["root"], rights
-    programs = {cmd.split()[0] for cmd in granted[0][1].removeprefix("NOPASSWD: ").split(", ")}
-    assert programs == {"/usr/bin/systemctl", "/usr/sbin/nginx", "/usr/bin/install", "/usr/bin/rm"}, rights
-    shadow = ssh_as(fleet, host.host_string, "sudo -n cat /etc/shadow")
-    assert shadow.returncode != 0 and "a password is required" in shadow.stderr, shadow
-    # A deploy works with only those rights.
-    project.fab("deploy", hosts=host.host_string)
-    release = current(host)
-    assert served(host) == (version_of(project), release)
-    props = unit_properties(host, unit(release), "ActiveState", "UnitFileState", "User")
-    assert props == {"ActiveState": "active", "UnitFileState": "enabled", "User": "deploy"}
-    again = project.fab("provision", hosts=as_root)
+def test_provision_made_the_user_roots_files_and_one_sudo_rule(fleet, project):
+    """What the module's provision did on the fresh hosts, and that a second run changes nothing."""
+    out = project.provision_output
+    for host in fleet.hosts:
+        as_root = f"root@{host.address}"
+        for step in ("user deploy", "nginx's stock default site off", f"systemd unit /etc/systemd/system/{APP}@.service",
+                     f"sudo rule /etc/sudoers.d/fabdeploy-{APP}", f"site /etc/nginx/sites-enabled/{APP}.conf"):
+            assert f"[{as_root}] changed    {step}" in out, out
+        assert host.run("test ! -e /etc/nginx/sites-enabled/default", check=False).returncode == 0
+        # The deploy user logs in with the configured key, and sudo grants it one rule: the helper.
+        assert ssh_as(fleet, host.host_string, "id -un").stdout == "deploy\n"
+        rights = host.run("sudo -l -U deploy").stdout
+        assert [" ".join(r.split()) for r in re.findall(r"^\s+(\(.*)$", rights, re.M)] == [HELPER_RULE], rights
+        shadow = ssh_as(fleet, host.host_string, "sudo -n cat /etc/shadow")
+        assert shadow.returncode != 0 and "a password is required" in shadow.stderr, shadow
+    again = fleet.provision(project, hosts=fleet.hosts[:1])
+    as_root = f"root@{fleet.hosts[0].address}"
     assert again.stdout.strip().splitlines()[-1] == f"[{as_root}] nothing to change", again.stdout
     assert " changed " not in again.stdout
 
 
-def proof_unit(path: str, extra: str = "") -> str:
-    """A command that writes a oneshot unit recording, in /etc/escalated, who ran it."""
-    text = f"[Service]\nType=oneshot\n{extra}ExecStart=/bin/sh -c 'id -un > /etc/escalated'\n"
-    return f"printf '%s' {shlex.quote(text)} > {path}"
-
-
-TEMPLATE_NEW = f"{ROOT}/.fabdeploy/{APP}@.service.new"  # what the sudoers' install rule copies
 ESCALATIONS = {
-    # sudo's * matches spaces too: "guestbook@*" lets any further argument through,
-    # such as a unit file of deploy's own, linked in and then started.
-    "wildcard": f"{proof_unit(f'{ROOT}/proof.service')}"
-                f" && sudo -n systemctl enable --quiet {APP}@x {ROOT}/proof.service"
-                f" && sudo -n systemctl start {APP}@x proof.service",
-    # The unit template's text is deploy's to write, so its User= is too.
-    "unit template": f"mkdir -p {ROOT}/.fabdeploy && {proof_unit(TEMPLATE_NEW, 'User=root' + chr(10))}"
-                     f" && sudo -n /usr/bin/install -m 0644 {TEMPLATE_NEW} /etc/systemd/system/{APP}@.service"
-                     f" && sudo -n systemctl daemon-reload"
-                     f" && sudo -n systemctl start {APP}@20000101-000000-000.service",
+    # sudo names only the helper now: systemctl, install and nginx are not among its rules.
+    "systemctl": "sudo -n systemctl start proof.service",
+    "nginx -t": "sudo -n nginx -t",
+    # The helper checks its arguments: a release name is digits and dashes, nothing more.
+    "a unit of deploy's own": f"sudo -n /usr/local/lib/fabdeploy/helper {APP} start '20000101-000000-000 proof'",
+    "an argument in the name": f"sudo -n /usr/local/lib/fabdeploy/helper {APP} start '../../proof'",
+    # ...and only the app's own user may drive it, for that app only.
+    "another app": "sudo -n /usr/local/lib/fabdeploy/helper other start 20000101-000000-000",
 }
 
 
 def test_the_narrow_sudo_rights_do_not_make_deploy_root(fleet):
     """host3 as provision left it; deploy tries to run its own code as root with its rights alone."""
     host = fleet.hosts[2]
-    escalated = {}
+    unit_text = "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'id -un > /etc/escalated'\n"
+    planted = (f"printf '%s' {shlex.quote(unit_text)} > {ROOT}/proof.service"
+               f" && ln -sf {ROOT}/proof.service {ROOT}/proof")
+    assert ssh_as(fleet, host.host_string, planted).returncode == 0
+    escalated, refused = {}, {}
     try:
         for name, way in ESCALATIONS.items():
+            result = ssh_as(fleet, host.host_string, way)
             # 255 is ssh's own failure: then nothing was tried, and nothing proven.
-            assert ssh_as(fleet, host.host_string, way).returncode != 255
+            assert result.returncode != 255, result.stderr
+            refused[name] = result.returncode != 0
             proof = host.run("cat /etc/escalated 2>/dev/null && rm /etc/escalated", check=False)
             if proof.stdout:
                 escalated[name] = proof.stdout.strip()
     finally:
-        # The last test that uses host3: take the app and the planted unit off it.
-        host.run("rm -f /etc/escalated /etc/systemd/system/proof.service")
-        wipe_app(host)
+        host.run(f"rm -f /etc/escalated {ROOT}/proof.service {ROOT}/proof")
     assert escalated == {}, f"deploy ran its own code as: {escalated}"
+    assert all(refused.values()), refused
 
 
 # -- a bastion ------------------------------------------------------------------
