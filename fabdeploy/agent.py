@@ -429,6 +429,7 @@ def op_upload(args, ctx):
 def op_install(args, ctx):
     """A root-owned file (provision): written aside, checked, renamed in; put back if its test fails."""
     path, text = args["path"], args["text"]
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     old = read_text(path)
     if old == text and (os.stat(path).st_mode & 0o7777) == args["mode"]:
         return "unchanged"

@@ -285,7 +285,6 @@ def steps(settings: Settings, user: str, key: str, facts: RootFacts, replace: bo
         found += [Step(op.what, op) for op in replace_sudo(facts, user)]
     found += [
         installed(f"helper {HELPER}", Install(HELPER, helper_text(), mode=0o755)),
-        checked("/etc/fabdeploy/apps", "[ -d /etc/fabdeploy/apps ]", "install -d -m 0755 /etc/fabdeploy/apps"),
         installed(f"record {paths.registration}", Install(paths.registration, json.dumps(reg, indent=2) + "\n")),
         checked(f"deploy_to {root}",
                 f"[ -d {quote(root)} ] && [ ! -L {quote(root)} ]"

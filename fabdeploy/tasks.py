@@ -95,6 +95,14 @@ class Invocation:
             self.hosts.append(ph.Target(host, own, cancelled=self.runner.cancelled, **fields))
         return self.hosts
 
+    def one_by_one(self, work, **fields) -> None:
+        """work(target) on each host in turn; its failure names the host."""
+        for t in self.targets(**fields):
+            try:
+                work(t)
+            except DeployError as exc:
+                raise exc.on(t.host.name)
+
     def close(self) -> None:
         for t in self.hosts:
             t.host.close()
@@ -206,48 +214,49 @@ def rollback(run: Invocation, release=None, parallel=10, quiet=False, stage=None
 @fleet_task(help={"stage": STAGE_HELP})
 def releases(run: Invocation, stage=None):
     """List the releases on each host: the current one marked, failed ones flagged."""
-    for t in run.targets():
+    def show(t):
         hostinfo.read(t)
         print(f"{t.host.name} ({t.layout.root}), * = current")
         print(hostinfo.release_table(t) if t.releases else "  no releases yet")
+    run.one_by_one(show)
 
 
 @fleet_task(help={"stage": STAGE_HELP})
 def unlock(run: Invocation, stage=None):
     """Remove a deploy lock left behind, e.g. by a deploy that was killed."""
-    for t in run.targets():
+    def remove(t):
         hostinfo.read(t)
         print(hostinfo.remove_lock(t))
+    run.one_by_one(remove)
 
 
 @fleet_task(name="rotate-secret", help={"stage": STAGE_HELP})
 def rotate_secret(run: Invocation, stage=None):
     """Replace SECRET_KEY; the old key stays a fallback, so sessions survive."""
-    key = secret.new_key()  # every host of a fleet signs alike
-    for t in run.targets(secret_key=key, action="rotate-secret"):
+    def rotate(t):
         hostinfo.rotate(t)
         print(f"{t.host.name}: new SECRET_KEY in place; the old one stays in SECRET_KEY_FALLBACKS")
+    run.one_by_one(rotate, secret_key=secret.new_key(), action="rotate-secret")  # every host signs alike
 
 
 @fleet_task(help={"stage": STAGE_HELP, "dry-run": "print the steps' commands; change nothing",
                   "replace-sudo": "remove the deploy user's other sudo rights (else provision refuses)"})
 def provision(run: Invocation, stage=None, dry_run=False, replace_sudo=False):
     """Prepare a fresh server (as root): packages, the deploy user, root's site and units, narrow sudo."""
-    for t in run.targets():
-        hostinfo.provision(t, replace_sudo)
+    run.one_by_one(lambda t: hostinfo.provision(t, replace_sudo))
 
 
 @fleet_task(help={"stage": STAGE_HELP, "json": "one JSON object per host"})
 def status(run: Invocation, stage=None, json=False):
     """Show each host's current release, its age and version, the service, health and lock."""
-    for t in run.targets():
+    def show(t):
         info = hostinfo.status(t)
         print(jsonlib.dumps(info) if run.json else hostinfo.status_text(info), flush=True)
+    run.one_by_one(show)
 
 
 @fleet_task(help={"stage": STAGE_HELP, "follow": "keep printing new lines (Ctrl-C stops)",
                   "lines": "how many lines to show first (default 50)"})
 def logs(run: Invocation, stage=None, follow=False, lines=50):
     """Show the app's log (the server's errors, with the app's tracebacks) on each host."""
-    for t in run.targets():
-        hostinfo.logs(t, int(lines), follow)
+    run.one_by_one(lambda t: hostinfo.logs(t, int(lines), follow))

@@ -284,11 +284,14 @@ def test_two_apps_with_a_user_each_cannot_reach_each_other(fleet, host, app, tmp
     # Nor through a unit of its own: a release of deploy's, run by root's helper in deploy's
     # app group, tries the other app's socket.
     planted = f"{mine}/releases/20990101-000000-000"
-    probe = (f"#!/bin/sh\npython3 -c 'import socket\\ns=socket.socket(socket.AF_UNIX)\\ntry:\\n"
-             f" s.connect(\"{theirs}/shared/run/live.sock\");r=\"connected\"\\nexcept OSError as e:\\n"
-             f" r=type(e).__name__\\nopen(\"{mine}/shared/probe\",\"w\").write(r)'\nsleep 30\n")
-    as_deploy(fleet, host, f"mkdir -p {planted} && printf '%s' {shlex.quote(probe)} > {planted}/serve"
-                           f" && chmod +x {planted}/serve && sudo -n {HELPER} {APP} start 20990101-000000-000")
+    probe = (f"import socket, time\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+             f"    s.connect('{theirs}/shared/run/live.sock')\n    r = 'connected'\n"
+             f"except OSError as e:\n    r = type(e).__name__\n"
+             f"open('{mine}/shared/probe', 'w').write(r)\ntime.sleep(30)\n")
+    serve = f"#!/bin/sh\nexec python3 {planted}/probe.py\n"
+    as_deploy(fleet, host, f"mkdir -p {planted} && printf '%s' {shlex.quote(probe)} > {planted}/probe.py"
+                           f" && printf '%s' {shlex.quote(serve)} > {planted}/serve && chmod +x {planted}/serve"
+                           f" && sudo -n {HELPER} {APP} start 20990101-000000-000")
     deadline = time.monotonic() + 20
     while host.run(f"test -s {mine}/shared/probe", check=False).returncode and time.monotonic() < deadline:
         time.sleep(0.2)
