@@ -696,7 +696,7 @@ def op_health(args, ctx):
             raise Stopped("cancelled")
         time.sleep(0.02)  # a server comes up between polls: the deploy waits for the next
     log = tail(args["log"], 400, args.get("marker")) if args.get("log") else ""
-    raise Failed("unhealthy: %s" % last, 1, log=log, unhealthy=last)
+    raise Failed("unhealthy: %s" % last, 1, log=log, unhealthy=str(last))
 
 
 # -- reloading nginx ----------------------------------------------------------------------------

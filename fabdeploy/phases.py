@@ -606,7 +606,10 @@ CAUSES = [
 
 
 def server_cause(log: str) -> str | None:
-    """The server's own line for why the app did not load, if the log has one."""
+    """Why the app did not load: its own exception, else the server's line for it."""
+    exception = app_error(log, lines=1)
+    if EXCEPTION_LINE.match(exception):
+        return exception.strip()
     for pattern in CAUSES:
         found = pattern.search(log)
         if found:

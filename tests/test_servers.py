@@ -393,7 +393,8 @@ def test_serves_redeploys_rolls_back_and_refuses_a_broken_release(case, deployme
     report("broken deploy", d, result, window)
     assert broken.returncode != 0, broken.stdout
     newest = d.releases()[-1]
-    assert f"release {newest.name} is unhealthy" in broken.stderr, broken.stderr
+    # Every server's headline names the app's own error (issue 16), not "unhealthy".
+    assert f"release {newest.name} cannot start: RuntimeError: boom at import" in broken.stderr, broken.stderr
     assert newest.name not in (first, d.current()) and (newest / "FAILED").exists()
     assert d.current() == first
     assert_serves(d, "1.0.0")

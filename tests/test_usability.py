@@ -599,7 +599,7 @@ def test_authentication_failure_is_one_clear_error(project, host, tmp_path):
 
 
 @pytest.mark.parametrize("content, says, hint", [
-    (None, "no pyproject.toml in ", "run fab from your project, or set fabdeploy.project_dir"),
+    (None, "has no pyproject.toml or setup.py", "run fab from your project, or set fabdeploy.project_dir"),
     ("[project\nname = 'guestbook'\n", "pyproject.toml does not parse: ", "fix pyproject.toml"),
 ], ids=["missing", "unparsable"])
 def test_bad_pyproject_is_one_clear_error(project, host, content, says, hint):
