@@ -10,15 +10,21 @@ default the same), in order, with TCP_NODELAY on both sides; bandwidth is
 not limited. A connection reaches the target only one round trip after it
 was accepted (plus the one-way trip of the handshake's last ACK), as a real
 TCP handshake would make it, so time at distance comes out as it would
-over a real link.
+over a real link. The relay acknowledges at once: an endpoint without
+TCP_NODELAY loses nothing to Nagle's algorithm here, where over a real link
+it could lose a round trip.
 
 Turns: a new turn of a connection begins when data from the client arrives
-after data from the server was forwarded to it (its first data is turn 1);
-the client sending more without an answer in between (pipelining) is the
-same turn. The TCP handshake is one more round trip that no data shows:
-`round_trips()` is connections + turns. It is an upper bound on the round
-trips a client waited for: a message sent in reaction to data (a window
-adjust, say) counts though the client did not wait for its answer.
+after an answer to its current turn was forwarded to it (its first data is
+turn 1). An answer is server data that left the server after the turn's
+data reached it (see Link). The client sending more without an answer in
+between (pipelining) is the same turn. The TCP handshake is one more round
+trip that no data shows: `round_trips()` is connections + turns. It is an
+upper bound on the round trips a client waited for: a message sent on
+receipt of data (a window adjust, say) counts though nobody waited for its
+answer. With no delay at all the relay cannot tell a pipelined message
+from an answered one, and counts may vary from run to run; from a delay of
+a millisecond on, an SSH session counts the same every time.
 
 The relay runs its own asyncio loop in a thread; stop() (or leaving the
 `with`) closes every socket and ends the thread.
