@@ -57,6 +57,17 @@ def machine() -> str:
 
 
 @contextmanager
+def throwaway_host(prefix: str):
+    """A LocalHost in a directory of its own, stopped and removed after."""
+    workdir = traversable_tmpdir(prefix)
+    try:
+        with LocalHost(workdir) as host:
+            yield host
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
 def distance(host: LocalHost, rtt: int | None, known_hosts: Path | None = None):
     """A relay at `rtt` ms in front of the host's sshd, its address trusted; None: direct."""
     if rtt is None:
@@ -334,8 +345,7 @@ def fleet(sizes: list[int], runs: int, workdir: Path,
     results: dict[tuple[int | None, int], list[float]] = {}
     versions = itertools.count()
     with ExitStack() as stack:
-        hosts = [stack.enter_context(LocalHost(traversable_tmpdir("fabdeploy-bench-fleet-")))
-                 for _ in range(max(sizes))]
+        hosts = [stack.enter_context(throwaway_host("fabdeploy-bench-fleet-")) for _ in range(max(sizes))]
         share_login(hosts, workdir)
         known_hosts = workdir / "known_hosts"
         env = {"XDG_CACHE_HOME": str(workdir / "fleet-cache")}
@@ -550,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench, backends = None, {}
         if args.runs or args.backends or args.peers:
-            with LocalHost(traversable_tmpdir("fabdeploy-bench-host-")) as host:
+            with throwaway_host("fabdeploy-bench-host-") as host:
                 bench = Bench(host, workdir)
                 if args.runs:
                     for rtt in rtts or [None]:
