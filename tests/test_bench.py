@@ -1,7 +1,7 @@
 """Issue 5: the benchmark runs, and reports every scenario. It asserts no times.
 
 Each new scenario runs one round: at RTT 0 and 20 through the relay, per
-build backend, and the peers (about 1.5 minutes with their venv cached, so
+build backend, and the peers (about a minute with their venv cached, so
 they stay in; direct only, as they take minutes at every RTT).
 """
 import re
