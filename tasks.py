@@ -54,12 +54,18 @@ def demo(c):
 
 
 @task(help={"runs": "runs per scenario (default 5)", "fleet": "host counts, e.g. 1,5,20",
+            "rtt": "round-trip times in ms, e.g. 0,50,150: every scenario at each, through a delaying relay",
+            "backends": "also a code-change redeploy per build backend (setuptools, flit_core, hatchling)",
+            "peers": "also pyinfra and Ansible doing the same job (installs them once; takes minutes)",
+            "fleet_rtt": "round-trip times in ms for the fleet, each host behind its own relay",
             "write": "also write the report to this file, e.g. docs/benchmarks.md"})
-def bench(c, runs=5, fleet="1,5,20", write=""):
+def bench(c, runs=5, fleet="1,5,20", rtt="", backends=False, peers=False, fleet_rtt="", write=""):
     """Time fabdeploy against a hand-written fabfile on throwaway hosts; print ratios."""
-    extra = f" --write {shlex.quote(write)}" if write else ""
-    c.run(f"{sys.executable} bench/bench.py --runs {int(runs)} --fleet {shlex.quote(fleet)}{extra}",
-          pty=False, in_stream=False)
+    argv = ["bench/bench.py", "--runs", str(int(runs)), "--fleet", fleet]
+    for option, value in (("--rtt", rtt), ("--fleet-rtt", fleet_rtt), ("--write", write)):
+        argv += [option, value] if value else []
+    argv += (["--backends"] if backends else []) + (["--peers"] if peers else [])
+    c.run(shlex.join([sys.executable, *argv]), pty=False, in_stream=False)
 
 
 @task(help={"outdir": "where the wheel and the sdist go (default dist/)"})

@@ -25,10 +25,11 @@ def traversable_tmpdir(prefix: str) -> Path:
 class Project:
     """The example app copied to `path`, with a fabfile and a fabric.yaml for `host`."""
 
-    def __init__(self, path: Path, host, app: str = "guestbook"):
+    def __init__(self, path: Path, host, app: str = "guestbook", fab: str = FAB):
         self.path = path
         self.host = host
         self.app = app
+        self.fab_program = fab  # another venv's `fab`: fabdeploy as a user installed it
         if not path.exists():
             shutil.copytree(EXAMPLE, path, ignore=COPY_IGNORE)
         self.configure()
@@ -60,7 +61,7 @@ class Project:
             hosts: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run the real `fab` CLI in the project, as a user would."""
         hosts = self.host.host_string if hosts is None else hosts
-        argv = [FAB, *(["-H", hosts] if hosts else []), *args]
+        argv = [self.fab_program, *(["-H", hosts] if hosts else []), *args]
         result = subprocess.run(argv, cwd=self.path, capture_output=True, text=True,
                                 stdin=subprocess.DEVNULL, timeout=timeout,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
