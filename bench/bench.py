@@ -99,8 +99,8 @@ class Bench:
         config = json.loads((self.base.path / "fabric.yaml").read_text())
         config["baseline"] = {"app_dir": f"{host.home}/baseline/guestbook", "port": base_port,
                               "site_path": str(host.site_dir / "baseline.conf"),
-                              "nginx_test": host.settings("x")["nginx"]["test_command"],
-                              "nginx_reload": host.settings("x")["nginx"]["reload_command"]}
+                              "nginx_test": host.settings("x")["proxy"]["test_command"],
+                              "nginx_reload": host.settings("x")["proxy"]["reload_command"]}
         (self.base.path / "fabric.yaml").write_text(json.dumps(config, indent=2))
         self.peers: dict[str, Peer] = {}
         self.relay: Relay | None = None
@@ -253,7 +253,7 @@ class Peer:
         self.home = workdir / tool / "home"  # Ansible's own files, none in ~/.ansible
         port = free_port()
         app_dir = f"{host.home}/peers/{tool}/guestbook"
-        nginx = host.settings("x")["nginx"]
+        nginx = host.settings("x")["proxy"]
         self.data = {"app_dir": app_dir, "port": port, "site_path": str(host.site_dir / f"peer-{tool}.conf"),
                      "nginx_test": nginx["test_command"], "nginx_reload": nginx["reload_command"]}
 
@@ -359,7 +359,7 @@ def fleet(sizes: list[int], runs: int, workdir: Path,
                     # Each throwaway host has its own nginx: per-host settings say where.
                     project.configure(known_hosts=str(known_hosts), hosts=[
                         {"host": relay.host_string(h) if relay else h.host_string,
-                         "nginx": h.settings("guestbook")["nginx"]} for h, relay in zip(hosts[:size], fronts)])
+                         "proxy": h.settings("guestbook")["proxy"]} for h, relay in zip(hosts[:size], fronts)])
                     if new:  # the first deploy, untimed
                         project.fab("deploy", "--parallel", str(size), hosts="", env=env, timeout=900)
                     for n in range(runs):
