@@ -374,6 +374,10 @@ def op_lock(args, ctx):
     if args.get("only_laid_out") and not info["root_exists"]:
         info["deferred"] = True  # a fresh host: nothing is made there yet
         return info
+    current = next((r for r in info["releases"] if r["name"] == info["current"]), None)
+    if args.get("unless_sha") and current and current["meta"].get("sha256") == args["unless_sha"]:
+        info["unchanged"] = True  # the very wheel serves already: nothing to lock for
+        return info
     if info["problems"]:
         return info
     try:
@@ -388,6 +392,15 @@ def op_lock(args, ctx):
     else:
         info["lock"] = lock_facts(os.path.join(root, STATE_DIR, "lock"))
     return info
+
+
+def op_guard(args, ctx):
+    """A plan made from the facts the client remembered holds only if the host is still so."""
+    info = read_facts(args)
+    moved = sorted(key for key, value in args["expect"].items() if info.get(key) != value)
+    if moved:
+        raise Failed("the host changed since it was last seen (%s)" % ", ".join(moved), stale=True,
+                     facts=info)
 
 
 def op_unlock(args, ctx):
@@ -723,7 +736,7 @@ def op_site(args, ctx):
         run_shell(args["reload"])
 
 
-OPS = {"facts": op_facts, "lock": op_lock, "unlock": op_unlock, "write": op_write, "upload": op_upload,
+OPS = {"facts": op_facts, "lock": op_lock, "guard": op_guard, "unlock": op_unlock, "write": op_write, "upload": op_upload,
        "read": op_read, "install": op_install, "mkdir": op_mkdir, "link": op_link, "remove": op_remove, "tail": op_tail,
        "trash": op_trash, "audit": op_audit, "sh": op_sh, "helper": op_helper, "compile": op_compile,
        "health": op_health, "reload": op_reload, "site": op_site}
@@ -760,12 +773,13 @@ def drain(ops, inbox):
 def handle(request, ctx):
     """Run a request's phases in order; stop at the first failure, or when told to stop."""
     ctx.request = request.get("id")
-    ctx.interruptible = request.get("interruptible", True)
+    steady = not request.get("interruptible", True)
     ctx.inbox.blobs = sum(op["size"] for phase in request.get("phases", []) for op in phase["ops"]
                           if op.get("op") == "upload")
     results = {}
     phases = request.get("phases", [])
     for p, phase in enumerate(phases):
+        ctx.interruptible = not steady and phase.get("interruptible", True)
         if p and ctx.interruptible and ctx.inbox.poll():
             drain([op for later in phases[p:] for op in later["ops"]], ctx.inbox)
             return {"ok": False, "phase": phase["name"], "index": -1, "stopped": True,

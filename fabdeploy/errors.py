@@ -16,6 +16,7 @@ class DeployError(Exception):
         self.host = host
         self.hint = hint
         self.detail = detail
+        self.phase: str | None = None  # the phase it failed in, where a host's agent said so
 
     def on(self, host: str) -> "DeployError":
         """Name the host, unless one is named already."""

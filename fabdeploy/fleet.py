@@ -130,7 +130,7 @@ def send(t: Target, batch: list, printer: Printer, interruptible: bool = True) -
     if not batch:
         return
     steps = {step.name: step for step, _ in batch}
-    request = [Phase(step.name, tuple(ops)) for step, ops in batch]
+    request = [Phase(step.name, tuple(ops), interruptible=not step.steady) for step, ops in batch]
     batch.clear()
 
     def ended(name: str, seconds: float) -> None:
@@ -155,10 +155,13 @@ def send(t: Target, batch: list, printer: Printer, interruptible: bool = True) -
             printer.phase(t, phase.name, timings.get(phase.name, 0.0))
     if not reply.ok:
         if reply.stopped or reply.index < 0:
-            raise DeployError("interrupted" if t.cancelled.is_set() else
-                              f"stopped before {reply.phase}: {reply.error.get('message')}", t.host.name)
-        failed = next(p for p in request if p.name == reply.phase)
-        raise ph.explain(t, failed.ops[reply.index], reply.error)
+            error = DeployError("interrupted" if t.cancelled.is_set() else
+                                f"stopped before {reply.phase}: {reply.error.get('message')}", t.host.name)
+        else:
+            failed = next(p for p in request if p.name == reply.phase)
+            error = ph.explain(t, failed.ops[reply.index], reply.error)
+        error.phase = reply.phase
+        raise error
 
 
 def run_ops(t: Target, name: str, ops: list, printer: Printer | None = None,
@@ -194,12 +197,31 @@ def batches(targets: list[Target], batch: int) -> list[list[Target]]:
 
 # -- deploy -----------------------------------------------------------------
 
-def prepare(t: Target, printer: Printer, steps=ph.PREPARE) -> None:
+def prepare(t: Target, printer: Printer, steps=ph.PREPARE, through: bool = False) -> None:
+    """A host ready to switch; `through`: and switched, with nobody to wait for in between."""
     run_steps(t, steps, printer)
     if t.repaired:
         printer.line(f"[{t.host.name}] repaired: {t.repaired}", always=True)
     if steps is ph.PREPARE and not t.unchanged:
-        run_steps(t, ph.INSTALL, printer)
+        if through:
+            all_the_way(t, printer)
+        else:
+            run_steps(t, ph.INSTALL, printer)
+
+
+def all_the_way(t: Target, printer: Printer) -> None:
+    """One host: install, switch and clean up in one request, a round trip each saved.
+
+    With one host the barrier between preparing and switching waits for
+    nobody. The phases before the switch stop if the client is gone; the
+    switch and what follows run to their end, as they would on their own.
+    """
+    try:
+        run_steps(t, ph.INSTALL + ph.GO_LIVE + ph.FINISH, printer)
+    except DeployError as exc:
+        if exc.phase in {step.name for step in ph.GO_LIVE}:
+            recover(t, printer)
+        raise
 
 
 def abandon(t: Target, reason: str) -> None:
@@ -216,15 +238,30 @@ def go_live(t: Target, printer: Printer) -> None:
     try:
         run_steps(t, ph.GO_LIVE, printer)
     except DeployError:
-        if not t.switched and t.settings.proxy.enabled and not t.checked:
-            # Verified after the link moved (Apache, TCP): the old release takes the traffic again.
-            back = ph.switch_back(t)
-            run_ops(t, "switch back", back, interruptible=False)
-            if back:
-                printer.line(f"[{t.host.name}] switched back to {t.current}: the new release failed "
-                             f"through {t.settings.proxy.kind}", always=True)
-        elif not t.switched and t.settings.proxy.kind == "none" and t.current:
-            run_ops(t, "restart", ph.restart_old_publicly(t), interruptible=False)
+        recover(t, printer)
+        raise
+
+
+def recover(t: Target, printer: Printer) -> None:
+    """After a failed switch: where the proxy already moved, the old release gets it back."""
+    if not t.switched and t.settings.proxy.enabled and not t.checked:
+        # Verified after the link moved (Apache, TCP): the old release takes the traffic again.
+        back = ph.switch_back(t)
+        run_ops(t, "switch back", back, interruptible=False)
+        if back:
+            printer.line(f"[{t.host.name}] switched back to {t.current}: the new release failed "
+                         f"through {t.settings.proxy.kind}", always=True)
+    elif not t.switched and t.settings.proxy.kind == "none" and t.current:
+        run_ops(t, "restart", ph.restart_old_publicly(t), interruptible=False)
+
+
+def back_all_the_way(t: Target, printer: Printer) -> None:
+    """One host's rollback: the old release started, checked and switched to, unlocked: one request."""
+    try:
+        run_steps(t, ph.ROLLBACK_START + ph.GO_LIVE + ph.UNLOCK, printer)
+    except DeployError as exc:
+        if exc.phase in {step.name for step in ph.GO_LIVE}:
+            recover(t, printer)
         raise
 
 
@@ -245,8 +282,9 @@ def revert(t: Target, printer: Printer, why: str) -> None:
 def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int = 0) -> None:
     started = time.monotonic()
     live: list[Target] = []
+    solo = len(targets) == 1  # nobody to wait for between preparing and switching
     try:
-        failures = runner.each(targets, lambda t: prepare(t, printer))
+        failures = runner.each(targets, lambda t: prepare(t, printer, through=solo))
         same = [t for t in targets if t.unchanged]
         if not failures and 0 < len(same) < len(targets):
             # After a partial rollout: one release name on every host, so those
@@ -264,7 +302,7 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
             local = [f for f in failures.values() if f.host == "local"]
             raise local[0] if local else summary("deploy", failures, len(targets))
         live = [t for t in targets if not t.unchanged]
-        groups = batches(live, batch)
+        groups = [] if solo else batches(live, batch)
         for number, group in enumerate(groups):
             failures = runner.each(group, lambda t: go_live(t, printer))
             if failures:
@@ -276,7 +314,8 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
                     kept = ", ".join(t.host.name for g in groups[:number] for t in g)
                     printer.line(f"the batches before stay on the new release: {kept}", always=True)
                 raise summary("switch", failures, len(group))
-        runner.each(live, lambda t: run_steps(t, ph.FINISH, printer))
+        if not solo:
+            runner.each(live, lambda t: run_steps(t, ph.FINISH, printer))
     except KeyboardInterrupt:
         runner.each([t for t in targets if not t.switched], lambda t: abandon(t, "interrupted"))
         raise DeployError("interrupted", hint="hosts that had not switched keep the old release") from None
@@ -292,16 +331,42 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
 
 # -- rollback ---------------------------------------------------------------
 
-def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
+def remembered_rollback(t: Target, printer: Printer) -> bool:
+    """One host, known from before: lock, check, start, switch and unlock in the first request.
+
+    The plan is made from the facts last seen of the host (memo); the agent
+    checks them after taking the lock (GUARD), and if the host moved on, the
+    rollback is planned again from what it now is. False: nothing remembered.
+    """
+    wanted = t.release
+    if t.host.dry_run or not ph.recall(t):
+        return False
     try:
-        failures = runner.each(targets, lambda t: prepare(t, printer, ph.ROLLBACK_PREPARE))
-        names = {t.release for t in targets}
-        if not failures and len(names) > 1:
-            failures = {targets[0]: DeployError(
-                "hosts disagree on the previous release: " + ", ".join(sorted(names)),
-                hint="name one with --release")}
-        if not failures:
-            failures = runner.each(targets, lambda t: go_live(t, printer))
+        ph.pick_target(t)
+    except DeployError:
+        return False  # nothing to go back to, as remembered: let the host itself say
+    if ph.half_switched(t):
+        return False
+    try:
+        run_steps(t, (ph.CONNECT, ph.LOCK, ph.GUARD) + ph.ROLLBACK_START + ph.GO_LIVE + ph.UNLOCK, printer)
+    except DeployError as exc:
+        if exc.phase != "guard":
+            if exc.phase in {step.name for step in ph.GO_LIVE}:
+                recover(t, printer)
+            raise
+        t.release = wanted  # the host moved on since: plan again from what it is (the lock is ours)
+        prepare(t, printer, ph.ROLLBACK_PREPARE[2:])
+        back_all_the_way(t, printer)
+    return True
+
+
+def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
+    solo = len(targets) == 1  # then the old release starts and goes live in one request
+    try:
+        if solo and remembered_rollback(targets[0], printer):
+            failures = {}
+        else:
+            failures = roll_back(targets, runner, printer, solo)
         if failures:
             raise summary("rollback", failures, len(targets) if len(failures) > 1 else 1)
         if not printer.json_out:
@@ -313,3 +378,20 @@ def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
         runner.each([t for t in targets if t.started and not t.switched],
                     lambda t: run_ops(t, "stop", ph.stop_release(t, t.release), interruptible=False))
         runner.each(targets, ph.release_lock)
+
+
+def roll_back(targets: list[Target], runner: Runner, printer: Printer, solo: bool) -> dict:
+    """Every host to the same earlier release: prepared on each, then switched on each."""
+    failures = runner.each(targets, lambda t: prepare(t, printer, ph.ROLLBACK_PREPARE))
+    names = {t.release for t in targets}
+    if not failures and len(names) > 1:
+        failures = {targets[0]: DeployError(
+            "hosts disagree on the previous release: " + ", ".join(sorted(names)),
+            hint="name one with --release")}
+    if not failures and solo:
+        failures = runner.each(targets, lambda t: back_all_the_way(t, printer))
+    elif not failures:
+        failures = runner.each(targets, lambda t: run_steps(t, ph.ROLLBACK_START, printer))
+        if not failures:
+            failures = runner.each(targets, lambda t: go_live(t, printer))
+    return failures

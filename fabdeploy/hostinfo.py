@@ -22,6 +22,7 @@ def read(t: Target) -> None:
     """Connect, and the host's facts in the first request."""
     ph.connect(t)
     t.learn(run_ops(t, "facts", [plan.facts(t.settings)])["facts"])
+    ph.remember(t, t.raw_facts)
 
 
 # -- releases and the lock ----------------------------------------------------------

@@ -153,6 +153,7 @@ class HostFacts:
     lock: Lock | None = None
     locked: bool = False
     deferred: bool = False             # a fresh host: nothing laid out yet (see phases.lock)
+    unchanged: bool = False            # the wheel asked about serves already: not locked
     lock_error: str | None = None
     venv_ok: bool = True
     systemd: bool = False
@@ -183,6 +184,7 @@ class HostFacts:
             preview_unloaded=bool(data.get("preview_unloaded")),
             lock=Lock(**{k: lock[k] for k in ("who", "what", "when", "age") if k in lock}) if lock else None,
             locked=bool(data.get("locked")), deferred=bool(data.get("deferred")),
+            unchanged=bool(data.get("unchanged")),
             lock_error=data.get("lock_error"), venv_ok=bool(data.get("venv_ok", True)),
             systemd=bool(data.get("systemd")), uv=data.get("uv"), python=data.get("python", ""),
             machine=data.get("machine", ""), glibc=data.get("glibc"),

@@ -217,16 +217,31 @@ class Lock(Facts):
     info: dict = field(default_factory=dict)
     only_laid_out: bool = False
     preview: bool = False            # make the preview token here (a proxy of the deploy user's own)
+    unless_sha: str | None = None    # no lock if the wheel with this sha256 is current already
     reads_only = False
     kind = "lock"
 
     def fields(self) -> dict:
         return {**super().fields(), "info": self.info, "only_laid_out": self.only_laid_out,
-                "preview": self.preview}
+                "preview": self.preview, "unless_sha": self.unless_sha}
 
     def describe(self) -> list[str]:
         return [f"would create {self.root} and its directories (where missing) and take the lock "
                 f"{self.root}/.fabdeploy/lock: {json.dumps(self.info)}"]
+
+
+@dataclass(frozen=True)
+class Guard(Facts):
+    """Stop here unless the host still is as `expect` says (a plan made from remembered facts)."""
+
+    expect: dict = field(default_factory=dict)
+    kind = "guard"
+
+    def fields(self) -> dict:
+        return {**super().fields(), "expect": self.expect}
+
+    def describe(self) -> list[str]:
+        return [f"would check {self.root} is as last seen (current {self.expect.get('current')})"]
 
 
 @dataclass(frozen=True)
@@ -394,10 +409,15 @@ class Install(Op):
 
 @dataclass(frozen=True)
 class Phase:
-    """A named group of ops: one line of output, with its time."""
+    """A named group of ops: one line of output, with its time.
+
+    An interruptible phase is not begun once the client has cancelled or is
+    gone; one that is not (the switch) runs whatever happens to the client.
+    """
 
     name: str
     ops: tuple
+    interruptible: bool = True
 
     def wire(self) -> dict:
-        return {"name": self.name, "ops": [op.wire() for op in self.ops]}
+        return {"name": self.name, "ops": [op.wire() for op in self.ops], "interruptible": self.interruptible}

@@ -19,7 +19,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import plan, provisioning, render, secret, servers, wheelhouse
+from . import memo, plan, provisioning, render, secret, servers, wheelhouse
 from .build import Wheel
 from .errors import DeployError, tail
 from .layout import Layout, SystemPaths, previous_release, releases_to_remove
@@ -54,6 +54,7 @@ class Target:
     action: str = "deploy"
     checked: bool = False      # route checked the release through nginx's preview
     force: bool = False        # deploy even the wheel that is current
+    raw_facts: dict = field(default_factory=dict, repr=False)  # as the agent said them: for memo
     repaired: str = ""         # what the deploy found half switched and put right
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -79,6 +80,7 @@ class Target:
 
     def learn(self, data: dict) -> None:
         """Take in the host's facts as the agent reported them."""
+        self.raw_facts = data
         self.facts = HostFacts.parse(data)
         self.layout = Layout(self.facts.root)
         self.host.root = self.layout.root
@@ -103,13 +105,23 @@ def read_facts(t: Target) -> list[Op]:
 
 
 def lock_while_building(t: Target) -> list[Op]:
-    """A host deployed to before is locked while the wheel builds; a fresh one is only looked at."""
-    return [plan.lock(t.settings, lock_info(t), only_laid_out=True)]
+    """A host deployed to before is locked while the wheel builds; a fresh one is only looked at.
+
+    An unchanged tree's wheel comes from the cache at once: if it is the
+    one that serves, the host is not even locked (no unlock to wait for).
+    """
+    return [plan.lock(t.settings, lock_info(t), only_laid_out=True, unless_sha=built_sha(t))]
+
+
+def built_sha(t: Target) -> str | None:
+    if t.force or t.building is None or not t.building.done() or t.building.exception():
+        return None
+    return t.building.result().sha256
 
 
 def lock(t: Target) -> list[Op]:
     """Check the host, lay out deploy_to, take the lock, read the facts afresh: one request."""
-    return [plan.lock(t.settings, lock_info(t))]
+    return [plan.lock(t.settings, lock_info(t), unless_sha=built_sha(t))]
 
 
 def lock_info(t: Target) -> dict:
@@ -122,7 +134,7 @@ def locked(t: Target, results: dict) -> None:
     check_server(t)
     if t.host.dry_run:
         return
-    if t.facts.deferred:
+    if t.facts.deferred or t.facts.unchanged:
         return
     if t.facts.lock_error:
         raise DeployError(f"creating {t.layout.root} or its lock failed: {t.facts.lock_error}", t.host.name,
@@ -496,14 +508,44 @@ def switched(t: Target, results: dict) -> None:
 
 
 def cleanup(t: Target) -> list[Op]:
-    """Remove releases beyond keep_releases, and release the lock: the deploy is done."""
-    doomed = releases_to_remove(list(t.releases), t.current, t.settings.keep_releases)
+    """Remove releases beyond keep_releases, and release the lock: the deploy is done.
+
+    Planned as the host is once the switch before it has run (it may go in
+    the same request): the new release current, and good.
+    """
+    releases = [r for r in t.releases if r.name != t.release]
+    releases.append(Release(t.release, ReleaseState.READY, {}, t.bind))
+    doomed = releases_to_remove(releases, t.release, t.settings.keep_releases)
     steps = plan.remove_releases(t.settings, t.layout, doomed, t.manager) if doomed else []
-    return [*steps, plan.unlock(t.layout)]
+    return [*steps, *unlock(t)]
+
+
+def unlock(t: Target) -> list[Op]:
+    """The lock released, and the host's facts as it is now, for the next plan made from memo."""
+    return [plan.unlock(t.layout), plan.facts(t.settings, key="facts_after")]
 
 
 def unlocked(t: Target, results: dict) -> None:
     t.locked = False
+    if results.get("facts_after") and not t.host.dry_run:
+        remember(t, results["facts_after"])
+
+
+def remember(t: Target, raw: dict) -> None:
+    memo.save(t.host.name, t.settings.app, t.settings.deploy_to, raw)
+
+
+def recall(t: Target) -> bool:
+    """Plan from the facts last seen of the host, if there are any: the agent checks them."""
+    raw = memo.load(t.host.name, t.settings.app, t.settings.deploy_to)
+    if raw is None:
+        return False
+    t.learn(raw)
+    return True
+
+
+def guard(t: Target) -> list[Op]:
+    return [plan.guard(t.settings, memo.expectation(t.raw_facts))]
 
 
 def audit_op(t: Target, event: str, **details):
@@ -654,6 +696,7 @@ class Step:
     done: Callable[[Target, dict], None] | None = None
     shown: Callable[[Target], bool] | None = None
     printed: bool = True
+    steady: bool = False  # once begun, runs to its end even if the client is gone (the switch)
 
 
 def changed(t: Target) -> bool:
@@ -661,7 +704,7 @@ def changed(t: Target) -> bool:
 
 
 def not_yet_locked(t: Target) -> bool:
-    return not t.locked
+    return not t.locked and not (t.facts and t.facts.unchanged)
 
 
 def real_run(t: Target) -> bool:
@@ -669,8 +712,8 @@ def real_run(t: Target) -> bool:
 
 
 def laid_out(t: Target) -> bool:
-    """After the early lock: its line is printed only where it did lock."""
-    return t.locked
+    """After the early lock: its line is printed only where it did lock (or found it need not)."""
+    return t.locked or t.facts.unchanged
 
 
 CONNECT = Step("connect", connect, remote=False)
@@ -696,12 +739,13 @@ INSTALL = (
     Step("configure", configure),
     Step("start", start),
 )
+# From here on a host is never left half switched: these run to their end.
 GO_LIVE = (
-    Step("route", route),
-    Step("verify", verify, when=needs_verify),
-    Step("switch", switch, done=switched),
+    Step("route", route, steady=True),
+    Step("verify", verify, when=needs_verify, steady=True),
+    Step("switch", switch, done=switched, steady=True),
 )
-FINISH = (Step("cleanup", cleanup, done=unlocked),)
+FINISH = (Step("cleanup", cleanup, done=unlocked, steady=True),)
 
 
 
@@ -725,6 +769,7 @@ def pick_target(t: Target) -> None:
 
 ROLLBACK_PREPARE = (CONNECT, LOCK,
                     Step("repair", repair, when=half_switched, done=say_repaired, printed=False),
-                    Step("pick", pick_target, remote=False, printed=False),
-                    Step("configure", configure_rollback), Step("start", start))
-UNLOCK = (Step("unlock", lambda t: [plan.unlock(t.layout)], done=unlocked, printed=False),)
+                    Step("pick", pick_target, remote=False, printed=False))
+ROLLBACK_START = (Step("configure", configure_rollback), Step("start", start))
+UNLOCK = (Step("unlock", unlock, done=unlocked, printed=False, steady=True),)
+GUARD = Step("guard", guard, printed=False)

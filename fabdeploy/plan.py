@@ -13,8 +13,8 @@ from shlex import quote
 from . import servers
 from .layout import Layout, SystemPaths
 from .model import Bind, Problem
-from .ops import (Audit, Compile, Facts, Health, Helper, Link, Lock, Mkdir, Op, Query, Remove, Rename,
-                  Sh, Trash, Unlock, Write)
+from .ops import (Audit, Compile, Facts, Guard, Health, Helper, Link, Lock, Mkdir, Op, Query, Remove,
+                  Rename, Sh, Trash, Unlock, Write)
 from .settings import Settings
 
 PROXY_PROGRAMS = {  # what the agent looks for, and the problem it reports without it
@@ -33,14 +33,19 @@ def facts_args(settings: Settings) -> dict:
                 site_path=proxy.site_path or None, require_registration=proxy.enabled)
 
 
-def facts(settings: Settings) -> Facts:
-    return Facts(**facts_args(settings), key="facts", what="reading the host's state",
+def facts(settings: Settings, key: str = "facts") -> Facts:
+    return Facts(**facts_args(settings), key=key, what="reading the host's state",
                  hint=f"is {settings.python} installed on the server?")
 
 
-def lock(settings: Settings, info: dict, only_laid_out: bool = False) -> Lock:
-    """The host's facts; and unless it cannot take a deploy, deploy_to laid out and locked."""
-    return Lock(**facts_args(settings), info=info, only_laid_out=only_laid_out,
+def guard(settings: Settings, expect: dict) -> Guard:
+    """Stop unless the host is as remembered: what a plan made from memo relied on."""
+    return Guard(**facts_args(settings), expect=expect, what="checking the host is as last seen")
+
+
+def lock(settings: Settings, info: dict, only_laid_out: bool = False, unless_sha: str | None = None) -> Lock:
+    """The host's facts; and unless it cannot take a deploy (or serves that wheel), locked."""
+    return Lock(**facts_args(settings), info=info, only_laid_out=only_laid_out, unless_sha=unless_sha,
                 preview=settings.proxy.kind == "nginx", key="facts", what="taking the deploy lock")
 
 
