@@ -387,8 +387,9 @@ def op_lock(args, ctx):
         info["lock_error"] = str(exc)
         return info
     if locked:
+        created = not info["root_exists"]
         info = op_facts(args, ctx)
-        info["locked"] = True
+        info.update(locked=True, created_root=created)
     else:
         info["lock"] = lock_facts(os.path.join(root, STATE_DIR, "lock"))
     return info
@@ -734,6 +735,8 @@ def op_site(args, ctx):
         reload_nginx(args["reload"], args.get("pid_file"), 10)
     else:
         run_shell(args["reload"])
+    if args.get("loaded"):  # a new preview token is nginx's now
+        with_quiet(os.unlink, args["loaded"])
 
 
 OPS = {"facts": op_facts, "lock": op_lock, "guard": op_guard, "unlock": op_unlock, "write": op_write, "upload": op_upload,

@@ -37,7 +37,8 @@ class Op:
     def fields(self) -> dict:
         return {}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
+        """How a dry run (or --echo) shows it; `results`: what the agent answered for its request."""
         return [f"would {self.what}"]
 
     @property
@@ -66,7 +67,7 @@ class Sh(Op):
                 "cwd": self.cwd, "check": self.check, "stream": self.stream or None,
                 "interruptible": self.interruptible, "stdin": self.stdin}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         env = " ".join(f"{k}={'<secret>' if k in self.secret_env else quote(v)}" for k, v in self.env.items())
         return [f"would run: {env + ' ' if env else ''}{self.cmd}"]
 
@@ -89,7 +90,7 @@ class Write(Op):
     def fields(self) -> dict:
         return {"path": self.path, "text": self.text, "mode": self.mode, "secret": self.secret}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         if self.secret:
             return [f"would write {self.path} (mode {self.mode:o}, secret: not shown)"]
         return [f"would write {self.path} (mode {self.mode:o}):", *indented(self.text)]
@@ -106,7 +107,7 @@ class Upload(Op):
     def fields(self) -> dict:
         return {"path": self.path, "size": self.size, "atomic": self.atomic}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would upload: {self.local} -> {self.path}"]
 
     @property
@@ -122,7 +123,7 @@ class Mkdir(Op):
     def fields(self) -> dict:
         return {"path": self.path}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would create directory {self.path}"]
 
 
@@ -138,7 +139,7 @@ class Link(Op):
     def fields(self) -> dict:
         return {"link": self.link, "target": self.target, "tmp": self.tmp}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would link {self.link} -> {self.target}"]
 
 
@@ -153,7 +154,7 @@ class Rename(Op):
     def fields(self) -> dict:
         return {"cmd": f"if [ -f {quote(self.source)} ]; then mv -f {quote(self.source)} {quote(self.dest)}; fi"}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would rename {self.source} -> {self.dest}"]
 
 
@@ -165,7 +166,7 @@ class Remove(Op):
     def fields(self) -> dict:
         return {"paths": list(self.paths)}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would remove {' '.join(self.paths)}"]
 
 
@@ -225,9 +226,18 @@ class Lock(Facts):
         return {**super().fields(), "info": self.info, "only_laid_out": self.only_laid_out,
                 "preview": self.preview, "unless_sha": self.unless_sha}
 
-    def describe(self) -> list[str]:
-        return [f"would create {self.root} and its directories (where missing) and take the lock "
-                f"{self.root}/.fabdeploy/lock: {json.dumps(self.info)}"]
+    def describe(self, results: dict | None = None) -> list[str]:
+        """Says it would create deploy_to only where the host's facts show there is none, and
+        nothing where it took no lock: a fresh host while the wheel builds, the wheel current."""
+        facts = (results or {}).get("facts") or {}
+        current = [r for r in facts.get("releases", []) if r["name"] == facts.get("current")]
+        if facts.get("deferred") or (self.unless_sha and current
+                                     and current[0]["meta"].get("sha256") == self.unless_sha):
+            return []
+        root = facts.get("root", self.root)
+        made = facts.get("created_root") or not facts.get("root_exists", True)
+        make = f"create {root} and its directories and " if made else ""
+        return [f"would {make}take the lock {root}/.fabdeploy/lock: {json.dumps(self.info)}"]
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,7 @@ class Guard(Facts):
     def fields(self) -> dict:
         return {**super().fields(), "expect": self.expect}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would check {self.root} is as last seen (current {self.expect.get('current')})"]
 
 
@@ -252,7 +262,7 @@ class Unlock(Op):
     def fields(self) -> dict:
         return {"root": self.root}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would remove the lock {self.root}/.fabdeploy/lock"]
 
 
@@ -277,7 +287,7 @@ class Health(Op):
                 "host_header": self.host_header, "stamp": self.stamp, "preview_map": self.preview_map,
                 "pid_file": self.pid_file, "unit": self.unit, "log": self.log, "marker": self.marker}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         via = f" with the preview token of {self.preview_map}" if self.preview_map else ""
         stamp = f", stamped {self.stamp}" if self.stamp else ""
         return [f"would check {self.target}{self.path} answers 2xx within {self.timeout:g}s{via}{stamp}"]
@@ -295,7 +305,7 @@ class Reload(Op):
     def fields(self) -> dict:
         return {"run": self.run, "pid_file": self.pid_file, "timeout": self.timeout}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         wait = " and wait until nginx's old workers take no connections" if self.pid_file else ""
         return [f"would run: {self.run}{wait}"]
 
@@ -310,13 +320,14 @@ class Site(Op):
     reload: str
     pid_file: str | None = None
     reload_nginx: bool = False
+    loaded: str | None = None  # removed once reloaded: the marker of a token nginx did not know yet
     kind = "site"
 
     def fields(self) -> dict:
         return {"path": self.path, "text": self.text, "test": self.test, "reload": self.reload,
-                "pid_file": self.pid_file, "reload_nginx": self.reload_nginx}
+                "pid_file": self.pid_file, "reload_nginx": self.reload_nginx, "loaded": self.loaded}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would write {self.path} (mode 644):", *indented(self.text),
                 f"would run: {self.test}", f"would run: {self.reload}"]
 
@@ -333,7 +344,7 @@ class Helper(Op):
     def fields(self) -> dict:
         return {"app": self.app, "argv": list(self.argv), "stdin": self.stdin}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would run: sudo -n {HELPER} {quote(self.app)} {' '.join(quote(a) for a in self.argv)}"]
 
 
@@ -346,7 +357,7 @@ class Compile(Op):
     def fields(self) -> dict:
         return {"python": self.python, "like": self.like}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         like = f", reusing {self.like}'s bytecode where the source is the same" if self.like else ""
         return [f"would byte-compile the venv of {self.python}{like}"]
 
@@ -360,7 +371,7 @@ class Trash(Op):
     def fields(self) -> dict:
         return {"trash": self.trash, "releases": list(self.releases)}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         return [f"would move {' '.join(self.releases)} into {self.trash} and delete it in the background"]
 
 
@@ -374,7 +385,7 @@ class Audit(Op):
     def fields(self) -> dict:
         return {"entry": self.entry, "path": self.path, "app": self.app, "helper": bool(self.app) or None}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         where = f"root's audit log (helper)" if self.app else self.path
         return [f"would append to {where}: {json.dumps(self.entry, sort_keys=True)}"]
 
@@ -401,7 +412,7 @@ class Install(Op):
         return {"path": self.path, "text": self.text, "mode": self.mode, "group": self.group,
                 "validate": self.validate, "test": self.test, "after": self.after}
 
-    def describe(self) -> list[str]:
+    def describe(self, results: dict | None = None) -> list[str]:
         group = f", group {self.group}" if self.group else ""
         lines = [f"would install {self.path} (mode {self.mode:o}{group}) if it differs:", *indented(self.text)]
         return lines + [f"would run: {c}" for c in (self.validate, self.test, self.after) if c]

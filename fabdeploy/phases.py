@@ -382,12 +382,9 @@ def local_site(t: Target, active: Bind, backup: Bind | None, reload: bool = Fals
     text = render.proxy_site(t.settings, site_shape(t, active, backup))
     if not reload and hashlib.sha256(text.encode()).hexdigest() == t.facts.site_sha256:
         return []
-    ops: list[Op] = [Site(proxy.site_path, text, proxy.test_command, proxy.reload_command,
-                          pid_file=proxy.pid_file or None, reload_nginx=proxy.kind == "nginx",
-                          what=f"routing {proxy.kind}")]
-    if t.facts.preview_unloaded:
-        ops.append(plan.Remove((f"{t.layout.state}/preview.unloaded",), what="noting the preview token"))
-    return ops
+    return [Site(proxy.site_path, text, proxy.test_command, proxy.reload_command,
+                 pid_file=proxy.pid_file or None, reload_nginx=proxy.kind == "nginx",
+                 loaded=t.layout.preview_unloaded, what=f"routing {proxy.kind}")]
 
 
 def preview_map(t: Target) -> str:

@@ -143,38 +143,29 @@ class Host:
                 interruptible: bool = True, sudo: bool = False) -> Reply:
         """Run phases of ops on the host's agent (started by the first call), in one request.
 
-        --echo shows each phase's ops as it ends. A dry run carries out only
-        the ops that read, then shows what each phase would do, before its
-        line, with ~ as the host's home.
+        A dry run carries out only the ops that read, and shows what the
+        others would do; --echo shows what they did. Either way each phase's
+        ops come just before its line, once the agent has answered (so they
+        are told from the host's facts), with ~ as the host's home.
         """
+        if not (self.dry_run or self.echo):
+            return self._request(phases, on_phase, on_output, interruptible, sudo)
+        ended: list = []
+        sent = [Phase(p.name, tuple(dry(op) for op in p.ops if dry(op) is not None), p.interruptible)
+                for p in phases] if self.dry_run else phases
+        reply = self._request(sent, lambda name, s: ended.append((name, s)), on_output, interruptible, sudo)
+        home = (reply.results.get("facts") or {}).get("home")
         shown = {p.name: p.ops for p in phases}
-
-        def show(name: str, home: str | None = None) -> None:
+        for name, seconds in ended:
             for op in shown.get(name, ()):
-                if self.dry_run and op.reads_only:
+                if op.reads_only:
                     continue
-                for line in op.describe():
+                for line in op.describe(reply.results):
                     line = line if self.dry_run else line.removeprefix("would ")
                     self.say(f"[{self.name}] {line.replace(' ~/', f' {home}/') if home else line}")
-
-        def phase_done(name: str, seconds: float) -> None:
-            if self.echo and not self.dry_run:
-                show(name)
             if on_phase:
                 on_phase(name, seconds)
-
-        if self.dry_run:
-            ended: list = []
-            reply = self._request([Phase(p.name, tuple(dry(op) for op in p.ops if dry(op) is not None))
-                                   for p in phases], lambda name, s: ended.append((name, s)),
-                                  on_output, interruptible, sudo)
-            home = (reply.results.get("facts") or {}).get("home")
-            for name, seconds in ended:
-                show(name, home)
-                if on_phase:
-                    on_phase(name, seconds)
-            return reply
-        return self._request(phases, phase_done, on_output, interruptible, sudo)
+        return reply
 
     def _request(self, phases, on_phase, on_output, interruptible, sudo) -> Reply:
         options = dict(on_phase=on_phase, on_output=on_output, interruptible=interruptible,
