@@ -298,6 +298,9 @@ def steps(settings: Settings, user: str, key: str, facts: RootFacts, replace: bo
         found.append(installed(f"systemd unit {paths.unit}",
                                Install(paths.unit, render.systemd_unit(settings, root, user),
                                        after="systemctl daemon-reload")))
+    found.append(installed(f"log rotation {paths.logrotate}",
+                           Install(paths.logrotate, render.logrotate_rule(settings, root, user),
+                                   validate="logrotate -d {}")))
     found.append(installed(f"sudo rule {paths.sudoers}",
                            Install(paths.sudoers, sudoers(settings, user), mode=0o440,
                                    validate="visudo -cqf {}")))

@@ -111,6 +111,11 @@ def gunicorn_conf(settings: Settings, layout: Layout, release: str, bind: Bind) 
                   proc_name=repr(f"{settings.app}-{release}"))
 
 
+def logrotate_rule(settings: Settings, root: str, user: str) -> str:
+    """The app's logs, rotated as their owner (su: root never follows the app's links)."""
+    return render("logrotate", root=root, user=user, group=settings.group)
+
+
 def systemd_unit(settings: Settings, root: str, user: str) -> str:
     """The release units' template, `<app>@.service`: root's file, run as the deploy user."""
     return render("app@.service", app=settings.app, user=user, server=settings.server.kind,

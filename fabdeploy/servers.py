@@ -65,12 +65,15 @@ def start_marker(release: str) -> str:
 
 
 def serve_script(settings: Settings, layout: Layout, release: str, bind: Bind) -> str:
-    """The release's `serve`: its output to the app's log, $PORT unset, then the server."""
-    return (f"#!/bin/sh\n"
+    """The release's `serve`: its output to the app's log (and the journal), $PORT unset, the server."""
+    log = quote(layout.app_log)
+    return (f"#!/bin/bash\n"
             f"# Written by fabdeploy: runs release {release} of {settings.app} in the foreground.\n"
             f"# Files the app makes are its own and its group's (fd-{settings.app}): nobody else's.\n"
             f"umask 027\n"
-            f"exec >> {quote(layout.app_log)} 2>&1\n"
+            f"# Run by systemd, the output goes to the journal too; the log is appended to either way,\n"
+            f"# so logrotate's copytruncate loses nothing of it.\n"
+            f'if [ -n "$INVOCATION_ID" ]; then exec > >(exec tee -a {log}) 2>&1; else exec >> {log} 2>&1; fi\n'
             f"echo {quote(start_marker(release))}\n"
             f"cd {quote(layout.release(release))} || exit 1\n"
             f"# gunicorn would bind 0.0.0.0:$PORT if PORT were set.\n"

@@ -313,3 +313,72 @@ def test_a_dropped_connection_keeps_current_serving_and_the_next_deploy_succeeds
     deploys_again(project, known | {release})
     if "connection" not in message:
         raise LostConnectionNotNamed(message)
+
+
+# -- kill -9 during the switch: a host is never left half switched (issue 16) -----------
+
+SLOW_PREVIEW = '''
+
+@app.get("/slow-health")
+def slow_health():
+    import time
+    time.sleep(float(__import__("os").environ.get("FABDEPLOY_TEST_SLOW", "0")) or 2.0)
+    return "ok"
+'''
+
+
+def live_target(project) -> str | None:
+    """The release shared/run/live.sock points at (the proxy's traffic)."""
+    link = project.deploy_to / "shared" / "run" / "live.sock"
+    return link.readlink().name.removesuffix(".sock") if link.is_symlink() else None
+
+
+def settled(project, timeout: float = 60) -> None:
+    """The killed deploy's agent finished what it had begun: its lock is gone."""
+    wait_until(lambda: not lock_dir(project).exists(), timeout, "the agent to finish the switch", 0.1)
+
+
+def slow_checks(project) -> None:
+    """Health checks that take two seconds: the route's check through nginx is long enough to kill in."""
+    app = project.path / "guestbook" / "__init__.py"
+    text = app.read_text()
+    if "slow-health" not in text:
+        app.write_text(text.replace("    return app\n", SLOW_PREVIEW.replace("\n", "\n    ") + "\n    return app\n"))
+    project.configure(health_path="/slow-health")
+
+
+@pytest.mark.parametrize("moment", ["inside route", "between route and switch", "inside switch"])
+def test_kill_9_during_the_switch_leaves_current_and_the_live_link_agreeing(ready, moment):
+    project = ready
+    before, known = current_of(project), release_names(project)
+    slow_checks(project)
+    try:
+        pause = "switch" if moment == "between route and switch" else None
+        with FabRun(project, "deploy", "--force", pause_before=pause) as run:
+            if moment == "inside route":
+                run.wait_for(phase_done("start"), 120)  # the check through nginx now takes 2 s
+            elif moment == "inside switch":
+                run.wait_for(phase_done("route"), 120)
+            else:
+                run.wait_for(r"paused before switch$", 120)
+            run.send(signal.SIGKILL)
+            assert run.wait(30) == -signal.SIGKILL
+        new = new_release(project, known)
+        if moment == "between route and switch":
+            # The client died between two requests: the live link moved, current did not. It
+            # serves the checked release, and the next deploy puts the two back together.
+            assert (current_of(project), live_target(project)) == (before, new)
+            project.fab("unlock")
+            healed = project.fab("deploy", "--force")
+            assert f"repaired: live.sock pointed at {new}, not at current {before}" in healed.stdout
+        else:
+            # One request on the host: the agent finishes the switch it had begun.
+            settled(project)
+            assert current_of(project) == live_target(project) == new
+            assert release_served(project.host) == new
+            assert states(project)[new] == "ready"
+        project.configure()
+        deploys_again(project, release_names(project))
+        assert current_of(project) == live_target(project)
+    finally:
+        project.configure()

@@ -484,7 +484,8 @@ def test_serve_scripts_log_unset_port_and_bind_the_release_socket():
                            ("uwsgi", "--http-socket /s.sock --add-header 'Connection: close' "
                                      "--chmod-socket=660 --module 'guestbook:create_app()'")):
         script = servers.serve_script(settings(server={"kind": server}), layout, "R1", sock)
-        assert "exec >> /srv/guestbook/shared/log/app.log 2>&1" in script and "umask 027" in script
+        assert "else exec >> /srv/guestbook/shared/log/app.log 2>&1; fi" in script and "umask 027" in script
+        assert "exec tee -a /srv/guestbook/shared/log/app.log" in script  # under systemd: the journal too
         assert "unset PORT" in script and needle in script, script
     tcp = servers.serve_script(settings(server={"kind": "waitress"}), layout, "R1", Bind.parse("127.0.0.1:8000"))
     assert "--listen=127.0.0.1:8000" in tcp

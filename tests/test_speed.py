@@ -103,13 +103,21 @@ def test_removed_releases_leave_at_once_and_are_deleted_in_the_background(projec
     first = current(project)
     host.run_as_user(f"mkdir {first}/stuck && touch {first}/stuck/file && chmod 555 {first}/stuck")
     try:
+        made = [first.name]
         for _ in range(3):
             project.fab("deploy", "--force")  # the same wheel as a new release: quick
+            made.append(current(project).name)
         releases = sorted(p.name for p in (project.deploy_to / "releases").iterdir())
         assert len(releases) == 2 and current(project).name in releases and first.name not in releases
-        # Nothing of the removed releases is left running.
-        run = project.deploy_to / "shared" / "run"
-        assert sorted(p.stem for p in run.glob("*.pid")) == releases
+        # Nothing of the removed releases is left running: no process runs from their directories
+        # (their servers had their stop signal from cleanup and finish their requests first).
+        removed = [name for name in made if name not in releases]
+        assert len(removed) == 2
+        deadline = time.monotonic() + 30
+        while running_from(project, removed) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running_from(project, removed) == []
+        assert all(running_from(project, [name]) for name in releases), "the kept ones still run"
         # The background deletion removes all but what nobody could delete.
         trash = project.deploy_to / ".fabdeploy" / "trash"
         deadline = time.monotonic() + 20
@@ -119,6 +127,21 @@ def test_removed_releases_leave_at_once_and_are_deleted_in_the_background(projec
         assert left == [first.name, f"{first.name}/stuck", f"{first.name}/stuck/file"]
     finally:
         host.run_as_user(f"chmod -R u+w {project.deploy_to}", check=False)
+
+
+def running_from(project, names: list[str]) -> list[str]:
+    """Command lines of live processes that run from one of these releases' directories."""
+    wanted = [f"{project.deploy_to}/releases/{name}/".encode() for name in names]
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(w in cmdline for w in wanted):
+            found.append(cmdline.decode(errors="replace"))
+    return found
 
 
 def test_a_connection_sends_and_acknowledges_without_delay(host):
