@@ -31,6 +31,13 @@ def demo_host_state() -> dict | None:
     return json.loads(state.read_text()) if state.exists() else None
 
 
+@task(help={"ops": "how many operations (default 100; CI runs 20)"})
+def soak(c, ops=100):
+    """The long soak on a provisioned nspawn host: deploys, rollbacks, rotations, reboots, under load."""
+    c.run(f"{sys.executable} -m pytest -s tests/test_soak.py", pty=False, in_stream=False,
+          env={"FABDEPLOY_SOAK_OPS": str(int(ops))})
+
+
 @task
 def demo_stop(c):
     """Stop the throwaway host the demo started, and remove it."""
@@ -86,4 +93,4 @@ def dist(c, outdir="dist"):
 
 
 # fabdeploy's tasks sit next to this project's own: `fab -c tasks -H host deploy`.
-ns = Collection(test, demo, demo_stop, bench, dist, deploy, rollback, releases, unlock, rotate_secret)
+ns = Collection(test, demo, demo_stop, bench, soak, dist, deploy, rollback, releases, unlock, rotate_secret)
