@@ -36,9 +36,6 @@ try:
 except ImportError:  # on the host: hostlib's text comes first in this file (onhost.program)
     pass
 
-NEXT = "_next"    # the preview's upstream suffix and stamp (render.NEXT is this one)
-HELPER = "/usr/local/lib/fabdeploy/helper"
-STATE_DIR = ".fabdeploy"
 
 
 class Stopped(Exception):
@@ -143,11 +140,11 @@ def read_text(path):
         return None
 
 
-def release_state(path):
+def release_state(path, names):
     """ready (complete), failed (marked bad) or partial (interrupted)."""
-    if os.path.exists(os.path.join(path, "FAILED")):
+    if os.path.exists(os.path.join(path, names["failed"])):
         return "failed"
-    if os.path.exists(os.path.join(path, "RELEASE.json")):
+    if os.path.exists(os.path.join(path, names["meta"])):
         return "ready"
     return "partial"
 
@@ -222,23 +219,31 @@ def link_name(path):
         return None
 
 
+def expanded(args):
+    """Layout.for_agent()'s paths, ~ as this user's home."""
+    paths = dict(args["paths"])
+    for key, value in list(paths.items()):
+        if isinstance(value, str):
+            paths[key] = os.path.expanduser(value)
+    paths["dirs"] = dict((os.path.expanduser(k), v) for k, v in args["paths"]["dirs"].items())
+    return paths
+
+
 def read_facts(args):
-    root = os.path.expanduser(args["root"])
-    releases_dir = os.path.join(root, "releases")
-    state_dir = os.path.join(root, STATE_DIR)
-    run_dir = os.path.join(root, "shared", "run")
+    paths = expanded(args)
+    root, names = paths["root"], paths["release_files"]
     releases = []
-    if os.path.isdir(releases_dir):
-        for name in sorted(os.listdir(releases_dir)):
-            path = os.path.join(releases_dir, name)
+    if os.path.isdir(paths["releases"]):
+        for name in sorted(os.listdir(paths["releases"])):
+            path = os.path.join(paths["releases"], name)
             if name.startswith(".") or not os.path.isdir(path):
                 continue
-            bind = (read_text(os.path.join(path, "BIND")) or "").strip() or None
-            releases.append({"name": name, "state": release_state(path), "bind": bind,
-                             "meta": read_json(os.path.join(path, "RELEASE.json")) or {}})
-    current = link_name(os.path.join(root, "current"))
-    live = link_name(os.path.join(run_dir, "live.sock"))
-    house = os.path.join(root, "shared", "wheelhouse")
+            bind = (read_text(os.path.join(path, names["bind"])) or "").strip() or None
+            releases.append({"name": name, "state": release_state(path, names), "bind": bind,
+                             "meta": read_json(os.path.join(path, names["meta"])) or {}})
+    current = link_name(paths["current"])
+    live = link_name(paths["live"])
+    house = paths["wheelhouse"]
     registration = None
     if args.get("registration"):
         values = read_json(args["registration"])
@@ -255,11 +260,11 @@ def read_facts(args):
         "current": os.path.basename(current) if current else None,
         "live_target": os.path.basename(live)[:-len(".sock")] if live and live.endswith(".sock") else None,
         "releases": releases,
-        "initialized": os.path.exists(os.path.join(state_dir, "initialized")),
-        "config_exists": os.path.exists(os.path.join(root, "shared", "instance", "config.py")),
+        "initialized": os.path.exists(paths["initialized"]),
+        "config_exists": os.path.exists(paths["config"]),
         # A new preview token, which nginx knows only after a reload (see make_preview_map).
-        "preview_unloaded": os.path.exists(os.path.join(state_dir, "preview.unloaded")),
-        "lock": lock_facts(os.path.join(state_dir, "lock")),
+        "preview_unloaded": os.path.exists(paths["preview_unloaded"]),
+        "lock": lock_facts(paths["lock"]),
         "venv_ok": venv_ok(args.get("python")),
         "systemd": os.path.isdir("/run/systemd/system"),
         "uv": find_uv(),
@@ -301,22 +306,15 @@ def op_facts(args, ctx):
 
 # -- laying out and locking --------------------------------------------------------------
 
-LAYOUT = {  # under deploy_to: directory -> mode
-    "releases": 0o755, "shared": 0o755, "shared/run": 0o755, "shared/log": 0o750,
-    "shared/wheelhouse": 0o755, "shared/instance": 0o700, "shared/backups": 0o700,
-    STATE_DIR: 0o700,
-}
-
-
-def make_root(root, preview):
-    """deploy_to and its directories. A provisioned host's deploy_to is made by provision."""
+def make_root(paths, preview):
+    """deploy_to and its directories (a provisioned host's deploy_to is made by provision)."""
+    root = paths["root"]
     if not os.path.isdir(root):
         try:
             os.makedirs(root, mode=0o750, exist_ok=True)  # a racing deploy may make it first
         except OSError as exc:
             raise OSError("%s does not exist and cannot be created (%s)" % (root, exc.strerror))
-    for sub, mode in sorted(LAYOUT.items()):
-        path = os.path.join(root, sub)
+    for path, mode in sorted(paths["dirs"].items()):
         try:
             os.mkdir(path, mode)
         except FileExistsError:
@@ -325,34 +323,33 @@ def make_root(root, preview):
         if have & ~mode:  # tighten a private directory; never open one up
             os.chmod(path, have & mode)
     if preview:
-        make_preview_map(os.path.join(root, STATE_DIR, "preview.map"))
+        make_preview_map(paths["preview_map"], paths["preview_unloaded"], preview)
 
 
-def make_preview_map(path):
+def make_preview_map(path, unloaded, value):
     """The nginx map line that routes requests with this host's token to the preview.
 
     Made once, here, 0600, where the proxy is the deploy user's own (a
     provisioned host's token is root's: provision makes it). nginx reads it
-    at a reload: until one has happened, preview.unloaded says so.
+    at a reload: until one has happened, `unloaded` says so.
     """
     if os.path.exists(path):
         return
     import secrets
-    open(os.path.join(os.path.dirname(path), "preview.unloaded"), "w").close()
+    open(unloaded, "w").close()
     tmp = "%s.%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write('"%s" %s;\n' % (secrets.token_hex(16), NEXT))
+        f.write('"%s" %s;\n' % (secrets.token_hex(16), value))
     os.rename(tmp, path)
 
 
-def take_lock(root, info_json):
+def take_lock(lock, info_json):
     """Exactly one of two racing deploys gets the lock, and it is never seen without its info.
 
     The info is written into a private directory first, then renamed to the
     lock's name: rename(2) is atomic, and fails if the lock already exists.
     """
-    lock = os.path.join(root, STATE_DIR, "lock")
     mine = "%s.%d" % (lock, os.getpid())
     os.mkdir(mine)
     with open(os.path.join(mine, "info.json"), "w") as f:
@@ -369,7 +366,7 @@ def take_lock(root, info_json):
 
 def op_lock(args, ctx):
     """The host's facts; then lay out deploy_to, take the lock and read them afresh."""
-    root = os.path.expanduser(args["root"])
+    paths = expanded(args)
     info = op_facts(args, ctx)
     if args.get("only_laid_out") and not info["root_exists"]:
         info["deferred"] = True  # a fresh host: nothing is made there yet
@@ -381,8 +378,8 @@ def op_lock(args, ctx):
     if info["problems"]:
         return info
     try:
-        make_root(root, args.get("preview") and not info["registration"])  # else root made it
-        locked = take_lock(root, json.dumps(args["info"]))
+        make_root(paths, None if info["registration"] else args.get("preview"))  # else root made it
+        locked = take_lock(paths["lock"], json.dumps(args["info"]))
     except OSError as exc:
         info["lock_error"] = str(exc)
         return info
@@ -391,7 +388,7 @@ def op_lock(args, ctx):
         info = op_facts(args, ctx)
         info.update(locked=True, created_root=created)
     else:
-        info["lock"] = lock_facts(os.path.join(root, STATE_DIR, "lock"))
+        info["lock"] = lock_facts(paths["lock"])
     return info
 
 
@@ -405,7 +402,7 @@ def op_guard(args, ctx):
 
 
 def op_unlock(args, ctx):
-    shutil.rmtree(os.path.join(os.path.expanduser(args["root"]), STATE_DIR, "lock"), ignore_errors=True)
+    shutil.rmtree(os.path.expanduser(args["lock"]), ignore_errors=True)
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -541,7 +538,7 @@ def op_audit(args, ctx):
     """One JSON line: through the root helper where provision made the log root's, else appended here."""
     line = json.dumps(args["entry"], sort_keys=True)
     if args.get("helper"):
-        run_helper(args["app"], ["audit"], stdin=line + "\n")
+        run_helper(args["helper"], args["app"], ["audit"], stdin=line + "\n")
         return
     with open(args["path"], "a") as f:
         f.write(line + "\n")
@@ -594,9 +591,9 @@ def communicate(proc, args, ctx):
             b"".join(streams[proc.stderr.fileno()]).decode(errors="replace"))
 
 
-def run_helper(app, argv, stdin=None):
+def run_helper(helper, app, argv, stdin=None):
     """fabdeploy's root helper, the one program provision lets the deploy user run with sudo."""
-    proc = subprocess.run(["sudo", "-n", HELPER, app] + list(argv), input=stdin, text=True,
+    proc = subprocess.run(["sudo", "-n", helper, app] + list(argv), input=stdin, text=True,
                           capture_output=True,
                           stdin=None if stdin is not None else subprocess.DEVNULL)
     if proc.returncode:
@@ -605,7 +602,7 @@ def run_helper(app, argv, stdin=None):
 
 
 def op_helper(args, ctx):
-    out = run_helper(args["app"], args["argv"], args.get("stdin"))
+    out = run_helper(args["helper"], args["app"], args["argv"], args.get("stdin"))
     return out
 
 

@@ -79,17 +79,26 @@ def cache_dir() -> Path:
     return buildenv.user_cache() / "wheels"
 
 
+def cached_wheel(project_dir: Path, cache: Path | None = None) -> Wheel | None:
+    """The wheel of exactly these sources, if it was built before: hashing them is quick."""
+    out_dir = (cache or cache_dir()) / source_key(project_dir)
+    wheels = sorted(out_dir.glob("*.whl"))
+    if len(wheels) != 1:
+        return None
+    os.utime(out_dir)  # a hit is a use: prune() drops the least recently used
+    return Wheel(wheels[0], sha256(wheels[0]))
+
+
 def build_wheel(project_dir: Path, cache: Path | None = None) -> Wheel:
     """The project's wheel: from the cache when the sources are unchanged, else built.
 
     A failed build shows the build's last lines.
     """
     cache = cache or cache_dir()
+    hit = cached_wheel(project_dir, cache)
+    if hit is not None:
+        return hit
     out_dir = cache / source_key(project_dir)
-    wheels = sorted(out_dir.glob("*.whl"))
-    if len(wheels) == 1:
-        os.utime(out_dir)  # a hit is a use: prune() drops the least recently used
-        return Wheel(wheels[0], sha256(wheels[0]))
     tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-build-"))
     try:
         # From a clean copy of exactly the hashed sources: setuptools reuses build/lib,
@@ -118,6 +127,13 @@ def start_build(project_dir: Path, cache: Path | None = None) -> "Future[Wheel]"
     waits; a cached wheel is ready at once.
     """
     future: Future[Wheel] = Future()
+    try:  # an unchanged tree's wheel, at once: the first request to a host can then ask about it
+        hit = cached_wheel(project_dir, cache)
+    except OSError:
+        hit = None
+    if hit is not None:
+        future.set_result(hit)
+        return future
 
     def work() -> None:
         try:

@@ -141,6 +141,21 @@ class Layout:
     def pid_file(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.pid")
 
+    def for_agent(self) -> dict:
+        """Where the agent looks, and what it lays out with which modes: it knows no layout itself."""
+        shared = self._join("shared")
+        return {
+            "root": self.root, "releases": self.releases, "current": self.current,
+            "live": self.live_socket, "lock": self.lock, "initialized": self.initialized,
+            "config": self.config_py, "wheelhouse": self.wheelhouse, "preview_map": self.preview_map,
+            "preview_unloaded": self.preview_unloaded,
+            "release_files": {"bind": "BIND", "meta": "RELEASE.json", "failed": "FAILED"},
+            # Private where it holds secrets or logs; open where the proxy's workers read.
+            "dirs": {self.releases: 0o755, shared: 0o755, self.run_dir: 0o755,
+                     self._join("shared", "log"): 0o750, self.wheelhouse: 0o755, self.instance: 0o700,
+                     self.backups: 0o700, self.state: 0o700},
+        }
+
     def instance_link(self, name: str, import_name: str) -> str:
         """Where Flask looks for an installed app's instance folder."""
         return self._join("releases", name, "venv", "var", f"{import_name}-instance")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from shlex import quote
 
-HELPER = "/usr/local/lib/fabdeploy/helper"  # agent.HELPER: installed there by provision
+from .layout import HELPER  # the root helper provision installs
 
 
 def indented(text: str) -> list[str]:
@@ -199,6 +199,7 @@ class Facts(Op):
     root: str
     app: str
     python: str
+    paths: dict = field(default_factory=dict)  # Layout.for_agent(): where the agent looks
     needs: dict | None = None        # {"program": "nginx", "problem": "no-nginx"}
     refuse_root: bool = True
     registration: str | None = None   # where provision records this app
@@ -208,7 +209,8 @@ class Facts(Op):
     kind = "facts"
 
     def fields(self) -> dict:
-        return {"root": self.root, "app": self.app, "python": self.python, "needs": self.needs,
+        return {"root": self.root, "paths": self.paths, "app": self.app, "python": self.python,
+                "needs": self.needs,
                 "refuse_root": self.refuse_root, "registration": self.registration,
                 "site_path": self.site_path, "require_registration": self.require_registration}
 
@@ -217,7 +219,7 @@ class Facts(Op):
 class Lock(Facts):
     info: dict = field(default_factory=dict)
     only_laid_out: bool = False
-    preview: bool = False            # make the preview token here (a proxy of the deploy user's own)
+    preview: str | None = None       # make the preview token here, mapped to this (render.NEXT)
     unless_sha: str | None = None    # no lock if the wheel with this sha256 is current already
     reads_only = False
     kind = "lock"
@@ -257,10 +259,11 @@ class Guard(Facts):
 @dataclass(frozen=True)
 class Unlock(Op):
     root: str
+    lock: str = ""
     kind = "unlock"
 
     def fields(self) -> dict:
-        return {"root": self.root}
+        return {"root": self.root, "lock": self.lock}
 
     def describe(self, results: dict | None = None) -> list[str]:
         return [f"would remove the lock {self.root}/.fabdeploy/lock"]
@@ -342,7 +345,7 @@ class Helper(Op):
     kind = "helper"
 
     def fields(self) -> dict:
-        return {"app": self.app, "argv": list(self.argv), "stdin": self.stdin}
+        return {"helper": HELPER, "app": self.app, "argv": list(self.argv), "stdin": self.stdin}
 
     def describe(self, results: dict | None = None) -> list[str]:
         return [f"would run: sudo -n {HELPER} {quote(self.app)} {' '.join(quote(a) for a in self.argv)}"]
@@ -383,7 +386,7 @@ class Audit(Op):
     kind = "audit"
 
     def fields(self) -> dict:
-        return {"entry": self.entry, "path": self.path, "app": self.app, "helper": bool(self.app) or None}
+        return {"entry": self.entry, "path": self.path, "app": self.app, "helper": HELPER if self.app else None}
 
     def describe(self, results: dict | None = None) -> list[str]:
         where = f"root's audit log (helper)" if self.app else self.path

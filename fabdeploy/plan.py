@@ -12,6 +12,7 @@ from shlex import quote
 
 from . import servers
 from .layout import Layout, SystemPaths
+from .render import NEXT
 from .model import Bind, Problem
 from .ops import (Audit, Compile, Facts, Guard, Health, Helper, Link, Lock, Mkdir, Op, Query, Remove,
                   Rename, Sh, Trash, Unlock, Write)
@@ -27,7 +28,8 @@ PROXY_PROGRAMS = {  # what the agent looks for, and the problem it reports witho
 
 def facts_args(settings: Settings) -> dict:
     proxy = settings.proxy
-    return dict(root=settings.deploy_to, app=settings.app, python=settings.python,
+    return dict(root=settings.deploy_to, paths=Layout(settings.deploy_to).for_agent(),
+                app=settings.app, python=settings.python,
                 needs=PROXY_PROGRAMS.get(proxy.kind), refuse_root=True,
                 registration=SystemPaths(settings.app).registration,
                 site_path=proxy.site_path or None, require_registration=proxy.enabled)
@@ -46,11 +48,12 @@ def guard(settings: Settings, expect: dict) -> Guard:
 def lock(settings: Settings, info: dict, only_laid_out: bool = False, unless_sha: str | None = None) -> Lock:
     """The host's facts; and unless it cannot take a deploy (or serves that wheel), locked."""
     return Lock(**facts_args(settings), info=info, only_laid_out=only_laid_out, unless_sha=unless_sha,
-                preview=settings.proxy.kind == "nginx", key="facts", what="taking the deploy lock")
+                preview=NEXT if settings.proxy.kind == "nginx" else None, key="facts",
+                what="taking the deploy lock")
 
 
 def unlock(layout: Layout) -> Unlock:
-    return Unlock(layout.root, what="releasing the deploy lock")
+    return Unlock(layout.root, lock=layout.lock, what="releasing the deploy lock")
 
 
 def audit(settings: Settings, layout: Layout, entry: dict, provisioned: bool) -> Audit:

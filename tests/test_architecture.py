@@ -9,7 +9,7 @@ ROOMS = [  # top to bottom, as docs/architecture.md lists them
     {"phases"},
     {"remote", "session"},
     {"plan", "render", "servers", "provisioning", "wheelhouse", "ops", "scaffold"},
-    {"settings", "project", "build", "buildenv"},
+    {"settings", "project", "build", "buildenv", "memo"},
     {"model", "catalog", "layout", "secret", "errors", "onhost"},
 ]
 APART = {"agent", "helper", "hostlib"}  # run on servers: nothing of fabdeploy but hostlib

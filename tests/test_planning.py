@@ -209,7 +209,7 @@ def run_agent(*ops) -> dict:
 
 def test_the_agent_reads_an_empty_root(tmp_path):
     """The agent is valid Python that reads the facts of a host never deployed to."""
-    reply = run_agent(Facts(str(tmp_path / "app"), "guestbook", sys.executable, key="facts"))
+    reply = run_agent(Facts(str(tmp_path / "app"), "guestbook", sys.executable, Layout(str(tmp_path / "app")).for_agent(), key="facts"))
     facts = HostFacts.parse(reply["results"]["facts"])
     assert (facts.root_exists, facts.releases, facts.lock, facts.current) == (False, (), None, None)
 
@@ -221,7 +221,7 @@ def test_the_agent_knows_where_each_release_listens(tmp_path):
     (root / "current").symlink_to("releases/R1")
     (root / "releases" / "R1" / "BIND").write_text("127.0.0.1:8000\n")
     (root / "releases" / "R1" / "RELEASE.json").write_text('{"version": "1.0"}')
-    facts = HostFacts.parse(run_agent(Facts(str(root), "guestbook", sys.executable, key="facts"))
+    facts = HostFacts.parse(run_agent(Facts(str(root), "guestbook", sys.executable, Layout(str(root)).for_agent(), key="facts"))
                             ["results"]["facts"])
     assert facts.current_bind == Bind.tcp("127.0.0.1", 8000)
     assert facts.current_release == Release("R1", ReleaseState.READY, {"version": "1.0"},

@@ -34,6 +34,7 @@ from itsdangerous import BadSignature
 
 from harness.project import EXAMPLE, FAB, traversable_tmpdir
 from fabdeploy import onhost, phases, session
+from fabdeploy.layout import Layout
 from fabdeploy.model import HostFacts
 from fabdeploy.ops import Facts
 from fabdeploy.errors import DeployError
@@ -660,7 +661,8 @@ def run_agent(*ops) -> dict:
 
 def test_deploying_as_root_is_refused():
     """The agent names a root login, and fabdeploy refuses it (on real hosts: test_production_hosts)."""
-    reply = run_agent(Facts(root="/nonexistent", app="guestbook", python=sys.executable, key="facts"))
+    reply = run_agent(Facts(root="/nonexistent", app="guestbook", python=sys.executable,
+                            paths=Layout("/nonexistent").for_agent(), key="facts"))
     found = reply["results"]["facts"]
     assert ("root" in found["problems"]) == (os.getuid() == 0)
     assert "refusing to deploy as root" in refusal(["root"])
