@@ -824,3 +824,41 @@ def test_debug_shows_the_traceback_instead(project, host, case):
     assert "Traceback (most recent call last):" in debug.stderr
     assert re.search(rf"^fabdeploy\.errors\.DeployError: .*{re.escape(what)}", debug.stderr, re.M), \
         debug.stderr
+
+
+# -- projects as the tutorials make them, and old setting names ------------------------------
+
+def test_a_setup_py_only_project_deploys_with_its_name_from_the_backend(host, tmp_path):
+    """No pyproject.toml, a name setup.py computes: the build backend says what it is (issue 16)."""
+    import shutil
+    from harness.project import Project
+    source = Path(__file__).resolve().parent / "projects" / "setup_py"
+    path = tmp_path / "hello-setup"
+    shutil.copytree(source, path)
+    (path / "fabfile.py").write_text("from fabdeploy import ns  # noqa: F401\n")
+    project = Project(path, host, app="hello-setup")
+    project.configure(wsgi="hello_setup:make_app()", init_command="")
+    assert "app" not in json.loads((path / "fabric.yaml").read_text())["fabdeploy"]
+    try:
+        project.fab("deploy")
+        with urllib.request.urlopen(host.url, timeout=10) as response:
+            assert response.read() == b"hello from setup_py\n"
+        assert (host.home / "srv" / "hello-setup" / "current").is_symlink()
+    finally:
+        host.run_as_user("for p in ~/srv/hello-setup/shared/run/*.pid; do [ -f \"$p\" ] && "
+                         "kill \"$(cat \"$p\")\"; done; rm -rf ~/srv/hello-setup", check=False)
+        (host.site_dir / "hello-setup.conf").unlink(missing_ok=True)
+
+
+def test_old_setting_names_still_deploy_with_a_warning_naming_the_new_key(project, host):
+    config = json.loads((project.path / "fabric.yaml").read_text())
+    fabdeploy = config["fabdeploy"]
+    fabdeploy["nginx"] = fabdeploy.pop("proxy")          # as fabric.yaml was written before
+    fabdeploy["gunicorn"] = {**fabdeploy.pop("server"), "workers": 3}
+    (project.path / "fabric.yaml").write_text(json.dumps(config))
+    result = project.fab("deploy")
+    assert "fabdeploy: warning: fabric.yaml: 'gunicorn.workers' is now 'server.workers'" in result.stderr
+    assert "'nginx.listen' is now 'proxy.listen'" in result.stderr
+    assert served(host).startswith("Hello from the guestbook 1.0.0")
+    conf = next((project.deploy_to / "releases").iterdir()) / "gunicorn.conf.py"
+    assert "workers = 3" in conf.read_text()
