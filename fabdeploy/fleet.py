@@ -199,7 +199,10 @@ def prepare(t: Target, printer: Printer, steps=ph.PREPARE) -> None:
     if t.repaired:
         printer.line(f"[{t.host.name}] repaired: {t.repaired}", always=True)
     if steps is ph.PREPARE and not t.unchanged:
-        run_steps(t, ph.INSTALL, printer)
+        try:
+            run_steps(t, ph.installing(t), printer)
+        finally:
+            say_notes(t, printer)
 
 
 def abandon(t: Target, reason: str) -> None:
@@ -253,7 +256,9 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
             # already serving this wheel take it again under the new name.
             for t in same:
                 t.unchanged = False
-            failures = runner.each(same, lambda t: (ph.fetch_wheelhouse(t), run_steps(t, ph.INSTALL, printer)))
+            failures = runner.each(same, lambda t: (ph.fetch_wheelhouse(t), run_steps(t, ph.installing(t), printer)))
+        if not failures:
+            failures = migrate_first([t for t in targets if not t.unchanged], runner, printer)
         for t in targets:
             if t.unchanged:
                 printer.line(f"[{t.host.name}] {t.wheel.filename} is already current "
@@ -290,9 +295,32 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
         printer.line(f"deployed {live[0].release} to {hosts} in {took}", always=True)
 
 
+# -- one database for the fleet (issue 14) ------------------------------------
+
+def say_notes(t: Target, printer: Printer) -> None:
+    for note in t.notes:
+        printer.line(f"[{t.host.name}] {note}", always=True)
+    t.notes.clear()
+
+
+def migrate_first(targets: list[Target], runner: Runner, printer: Printer) -> dict:
+    """One database for the fleet: every host is installed; the primary alone runs init and
+    migrate, then every host configures and starts its release, on the migrated schema."""
+    if not targets or not any(t.settings.shared_database for t in targets):
+        return {}
+    primary = ph.primary_of(targets)
+    ph.share_initialized(targets)
+    try:
+        failures = runner.each([primary], lambda t: run_steps(t, ph.MIGRATE, printer))
+    finally:
+        say_notes(primary, printer)
+    return failures or runner.each(targets, lambda t: run_steps(t, ph.START, printer))
+
+
 # -- rollback ---------------------------------------------------------------
 
-def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
+def rollback(targets: list[Target], runner: Runner, printer: Printer, restore=None) -> None:
+    """Every host back to its previous release; with `restore` (which asks), the database too."""
     try:
         failures = runner.each(targets, lambda t: prepare(t, printer, ph.ROLLBACK_PREPARE))
         names = {t.release for t in targets}
@@ -300,6 +328,10 @@ def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
             failures = {targets[0]: DeployError(
                 "hosts disagree on the previous release: " + ", ".join(sorted(names)),
                 hint="name one with --release")}
+        if not failures and restore is not None:
+            ph.check_restorable(targets)
+            if not restore(ph.restore_question(targets)):
+                raise DeployError("not confirmed: nothing was rolled back or restored")
         if not failures:
             failures = runner.each(targets, lambda t: go_live(t, printer))
         if failures:
@@ -307,9 +339,25 @@ def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
         if not printer.json_out:
             printer.line(f"rolled back to {targets[0].release} on "
                          + ", ".join(t.host.name for t in targets), always=True)
+        if restore is not None:
+            restore_database(targets, runner, printer)
+        elif ph.schema_note(targets):
+            printer.line(ph.schema_note(targets), always=True)
     except KeyboardInterrupt:
         raise DeployError("interrupted", hint="hosts that had not switched keep their release") from None
     finally:
         runner.each([t for t in targets if t.started and not t.switched],
                     lambda t: run_ops(t, "stop", ph.stop_release(t, t.release), interruptible=False))
         runner.each(targets, ph.release_lock)
+
+
+def restore_database(targets: list[Target], runner: Runner, printer: Printer) -> None:
+    """After the switch (the old release already serves, checked): the database it migrated from."""
+    hosts = ph.database_hosts(targets)
+    failures = runner.each(hosts, lambda t: run_steps(t, ph.RESTORE, printer))
+    for t in hosts:
+        say_notes(t, printer)
+    if failures:
+        error = summary("restoring the database", failures, len(hosts))
+        error.hint = f"rolled back to {targets[0].release}, which serves on the database as it is; see fab db-backups"
+        raise error

@@ -138,6 +138,14 @@ class Layout:
     def backups(self) -> str:
         return self._join("shared", "backups")
 
+    def env_file(self, name: str) -> str:
+        """The environment release `name` runs with (env and secrets, 0600): see plan.in_release."""
+        return self._join("releases", name, "env")
+
+    def backup(self, name: str) -> str:
+        """A copy of the app's databases, taken before release `name`'s migration (or a restore)."""
+        return self._join("shared", "backups", name)
+
     def pid_file(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.pid")
 
