@@ -58,7 +58,7 @@ class Target:
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     # -- the app's environment and data (issue 14)
     app_env: appenv.AppEnv | None = field(default=None, repr=False)  # env and secrets' values
-    backup: dict | None = None    # what the backup before this release's migration holds
+    backup_taken: dict | None = None  # what the backup before this release's migration holds
     notes: list = field(default_factory=list)  # lines the fleet prints for this host after a phase
 
     @property
@@ -662,9 +662,9 @@ def backup(t: Target) -> list[Op]:
 
 
 def backed_up(t: Target, results: dict) -> None:
-    t.backup = results.get("backup")
-    if t.backup and t.backup.get("note"):
-        t.notes.append(t.backup["note"])
+    t.backup_taken = results.get("backup")
+    if t.backup_taken and t.backup_taken.get("note"):
+        t.notes.append(t.backup_taken["note"])
 
 
 def migrate(t: Target) -> list[Op]:
@@ -676,7 +676,7 @@ def migrated(t: Target, results: dict) -> None:
     if not (results.get("schema") or {}).get("moved"):
         return
     command = f"flask {' '.join(t.settings.migrate_command)}"
-    if t.backup and t.backup.get("files"):
+    if t.backup_taken and t.backup_taken.get("files"):
         t.notes.append(f"{command} changed the schema; backup {t.release} holds the database from before it")
     else:
         t.notes.append(f"{command} made the schema (there was no database before it)")
@@ -694,7 +694,7 @@ def migration_failed(t: Target, op: Migrate, error: dict) -> DeployError:
 
 
 def backup_words(t: Target) -> str:
-    taken = t.backup
+    taken = t.backup_taken
     if not taken:
         return "no backup was taken"
     if not taken.get("files"):

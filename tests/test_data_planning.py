@@ -4,7 +4,9 @@ import hashlib
 import hmac
 import json
 import os
+import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ from fabdeploy import phases as ph
 from fabdeploy.errors import DeployError
 from fabdeploy.layout import Layout
 from fabdeploy.model import Bind, HostFacts
-from fabdeploy.ops import Migrate
+from fabdeploy.ops import Facts, Migrate
 from fabdeploy.settings import SecretSource, resolve
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "example"
@@ -168,7 +170,7 @@ def test_backup_then_migrate_with_the_release_env_uninterruptible():
 
 def test_a_failed_migration_names_its_cause_the_live_release_and_the_backup():
     t = target(settings(migrate_command="db upgrade"))
-    t.backup = {"name": "R2", "folder": f"{ROOT}/shared/backups/R2", "files": ["app.sqlite"], "note": ""}
+    t.backup_taken = {"name": "R2", "folder": f"{ROOT}/shared/backups/R2", "files": ["app.sqlite"], "note": ""}
     migrate = ph.migrate(t)[0]
     error = ph.explain(t, migrate, {"message": "exit 1", "stdout": "", "stderr":
                                     "INFO  [alembic] Running upgrade 1 -> 2\nERROR [flask_migrate] Error: no such "
@@ -177,7 +179,7 @@ def test_a_failed_migration_names_its_cause_the_live_release_and_the_backup():
                             f"keeps serving; the database before it is backup R2 in {ROOT}/shared/backups/R2 "
                             "(fab db-backups))")
     assert "Running upgrade 1 -> 2" in error.detail
-    t.backup = {"name": "R2", "folder": "x", "files": [], "note": "pg_dump is not installed on this host"}
+    t.backup_taken = {"name": "R2", "folder": "x", "files": [], "note": "pg_dump is not installed on this host"}
     assert "backup R2 holds no database (pg_dump is not installed" in ph.explain(t, migrate, {"stderr": "x"}).line()
 
 
@@ -204,6 +206,58 @@ def test_a_plain_rollback_across_a_schema_change_says_so_once():
     same.old = "R3"
     assert ph.schema_note([same]) is None
 
+
+
+# -- the agent's backups, for real, on SQLite ---------------------------------------------------
+
+def run_agent(*ops) -> dict:
+    """The agent as a host runs it: one request on its stdin, its reply on stdout."""
+    request = {"id": 1, "phases": [{"name": "test", "ops": [op.wire() for op in ops]}]}
+    done = subprocess.run([sys.executable, "-S", "-c", onhost.program("agent").decode()],
+                          input=json.dumps(request) + "\n", capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def sql(path, *statements) -> list:
+    con = sqlite3.connect(path)
+    try:
+        rows = [con.execute(s).fetchall() for s in statements]
+        con.commit()
+        return rows[-1]
+    finally:
+        con.close()
+
+
+def test_the_agent_backs_up_notes_the_schema_restores_and_keeps_the_newest(tmp_path):
+    layout = Layout(str(tmp_path))
+    os.makedirs(layout.instance)
+    os.makedirs(layout.release("R1"))
+    live = f"{layout.instance}/app.sqlite"
+    sql(live, "CREATE TABLE entry (name)", "INSERT INTO entry VALUES ('ada')")
+    s = settings(migrate_command="db upgrade", keep_releases=2)
+    for name in ("R1", "R2", "R3"):
+        reply = run_agent(database.backup(s, layout, name, current="R1"))
+        assert reply["results"]["backup"]["files"] == ["app.sqlite"], reply
+    # The newest two, and always the current release's.
+    assert sorted(os.listdir(layout.backups)) == ["R1", "R2", "R3"]
+    run_agent(database.backup(s, layout, "R4", current="R3"))
+    assert sorted(os.listdir(layout.backups)) == ["R3", "R4"]
+    assert oct(os.stat(f"{layout.backup('R4')}/app.sqlite").st_mode & 0o777) == "0o600"
+    # A migration moves the schema; the record of the backup before it says so, and the facts.
+    sql(live, "ALTER TABLE entry ADD COLUMN note", "INSERT INTO entry VALUES ('grace', 'x')")
+    reply = run_agent(database.migrate(s, layout, "R4")[1])
+    assert reply["results"]["schema"] == {"moved": True}
+    facts = run_agent(Facts(root=str(tmp_path), app="guestbook", python=sys.executable, key="facts"))
+    facts = facts["results"]["facts"]
+    assert [(b["name"], b["moved"], b["files"]) for b in facts["backups"]] == [
+        ("R3", False, ["app.sqlite"]), ("R4", True, ["app.sqlite"])]
+    # Back to R4's backup: the old schema and rows; the database as it was is a backup of its own.
+    reply = run_agent(database.restore(layout, "R4", "R1", "R5-before-restore"))
+    assert reply["results"]["restore"] == {"restored": "R4", "saved": "R5-before-restore"}
+    assert sql(live, "SELECT * FROM entry") == [("ada",)]
+    assert sql(f"{layout.backup('R5-before-restore')}/app.sqlite", "SELECT * FROM entry") == [("ada", None), ("grace", "x")]
+    missing = run_agent(database.restore(layout, "R9", "R1", "R6-before-restore"))
+    assert not missing["ok"] and missing["error"]["message"] == "there is no backup R9"
 
 # -- PostgreSQL on a database host -------------------------------------------------------------
 
