@@ -115,14 +115,19 @@ class Resolver:
         self._read: dict[tuple[str, str], str] = {}
 
     def app_env(self, settings: Settings) -> AppEnv:
-        values = {}
-        for name, source in settings.secrets.items():
-            where = (source.kind, str(local_path(source.value, settings.base_dir)) if source.kind == "file"
-                     else source.value)
-            if where not in self._read:
-                self._read[where] = read_secret(name, source, settings.base_dir)
-            values[name] = self._read[where]
-        return AppEnv(dict(settings.env), values)
+        return AppEnv(dict(settings.env), {name: self.secret(settings, name) for name in settings.secrets})
+
+    def secret(self, settings: Settings, name: str) -> str:
+        source = settings.secrets[name]
+        where = (source.kind, str(local_path(source.value, settings.base_dir)) if source.kind == "file"
+                 else source.value)
+        if where not in self._read:
+            self._read[where] = read_secret(name, source, settings.base_dir)
+        return self._read[where]
+
+    def value(self, settings: Settings, name: str) -> str | None:
+        """One name of the environment: a secret (read now) or a plain value; None if neither."""
+        return self.secret(settings, name) if name in settings.secrets else settings.env.get(name)
 
 
 def availability(source: SecretSource, base_dir: Path | None) -> str:

@@ -614,7 +614,7 @@ def env_values(key: str, value: Any) -> dict:
 def secret_sources(key: str, value: Any) -> dict:
     """Where each secret comes from: exactly one of env, file or command, never the value itself."""
     if not isinstance(value, dict):
-        raise fail(key, f"must be a mapping of NAME: {{env: VAR}}, {{file: path}} or {{command: ...}}")
+        raise fail(key, "must be a mapping of NAME: {env: VAR}, {file: path} or {command: ...}")
     found = {}
     for name, item in value.items():
         where = f"{key}.{name}"

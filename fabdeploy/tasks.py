@@ -277,7 +277,7 @@ def provision(run: Invocation, stage=None, dry_run=False, replace_sudo=False):
     """
     targets = run.targets(databases=True)
     resolver = appenv.Resolver()
-    urls = {t: appenv.DatabaseUrl.parse(database_url(resolver.app_env(t.settings)))
+    urls = {t: appenv.DatabaseUrl.parse(resolver.value(t.settings, "DATABASE_URL") or "")
             for t in targets if t.settings.role == "database"}  # read before any host is touched
     for t in targets:
         try:
@@ -287,10 +287,6 @@ def provision(run: Invocation, stage=None, dry_run=False, replace_sudo=False):
                 hostinfo.provision(t, replace_sudo)
         except DeployError as exc:
             raise exc.on(t.host.name)
-
-
-def database_url(env: appenv.AppEnv) -> str:
-    return env.secrets.get("DATABASE_URL") or env.plain.get("DATABASE_URL") or ""
 
 
 @fleet_task(help={"stage": STAGE_HELP, "json": "one JSON object per host"})

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import subprocess
 import urllib.parse
 import urllib.request
 
