@@ -233,4 +233,3 @@ def provision_database(t: Target, url) -> None:
         changed += state == "changed"
         print(f"[{t.host.name}] {state:<10} {step.name}", flush=True)
     print(f"[{t.host.name}] " + (f"{changed} step(s) changed" if changed else "nothing to change"))
-

@@ -343,4 +343,3 @@ def db_restore(run: Invocation, backup, yes=False, stage=None):
     finally:
         for t in hosts:
             ph.release_lock(t)
-
