@@ -272,7 +272,7 @@ def read_facts(args):
         "ipv6": os.path.exists("/proc/net/if_inet6"),
         "failed_units": units(app, "failed"),
         "active_units": units(app, "active"),
-        # issue 14: the current release's environment (a redeploy of it with new values is no no-op),
+        # issue 14: the current release's environment (new values make the same wheel deploy again),
         # and the database backups taken before migrations.
         "env_sha256": sha256_of(os.path.join(releases_dir, os.path.basename(current), "env")) if current else None,
         "backups": list_backups(os.path.join(root, "shared", "backups")),
