@@ -277,6 +277,10 @@ def read_facts(args):
         "ipv6": os.path.exists("/proc/net/if_inet6"),
         "failed_units": units(app, "failed"),
         "active_units": units(app, "active"),
+        # issue 14: the current release's environment (new values make the same wheel deploy again),
+        # and the database backups taken before migrations.
+        "env_sha256": sha256_of(os.path.join(paths["releases"], os.path.basename(current), paths["release_files"]["env"])) if current else None,
+        "backups": list_backups(paths["backups"]),
     }
 
 
@@ -740,6 +744,239 @@ OPS = {"facts": op_facts, "lock": op_lock, "guard": op_guard, "unlock": op_unloc
        "read": op_read, "install": op_install, "mkdir": op_mkdir, "link": op_link, "remove": op_remove, "tail": op_tail,
        "trash": op_trash, "audit": op_audit, "sh": op_sh, "helper": op_helper, "compile": op_compile,
        "health": op_health, "reload": op_reload, "site": op_site}
+
+
+# -- the app's data: backups, migrations, restores (issue 14) -------------------------------------
+
+SQLITE_MAGIC = b"SQLite format 3\0"
+RECORD = "backup.json"   # in each backup folder: what it holds, and where each file came from
+
+
+def now_utc():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def release_env(path):
+    """NAME -> value from a release's env file (appenv.render writes it), {} where there is none."""
+    import shlex
+    text = read_text(path)
+    if text is None:
+        return {}
+    env = {}
+    for word in shlex.split(text, comments=True):
+        name, sep, value = word.partition("=")
+        if sep:
+            env[name] = value
+    return env
+
+
+def is_sqlite(path):
+    try:
+        if os.path.islink(path) or not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def sqlite_files(instance, url):
+    """The app's SQLite databases: those in its instance folder, and an absolute sqlite:/// DATABASE_URL."""
+    names = sorted(os.listdir(instance)) if os.path.isdir(instance) else []
+    found = [os.path.join(instance, n) for n in names if is_sqlite(os.path.join(instance, n))]
+    if url and url.split(":", 1)[0].split("+")[0] == "sqlite" and "://" in url:
+        rest = url.split("://", 1)[1]  # sqlite:////abs/path.db: the path after the third slash
+        path = rest[1:].split("?", 1)[0] if rest.startswith("/") else ""
+        if os.path.isabs(path) and is_sqlite(path) and path not in found:
+            found.append(path)
+    return found
+
+
+def postgres_env(url):
+    """libpq's variables for a PostgreSQL URL (with any +driver): the password in the environment, never argv."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.scheme.split("+")[0] not in ("postgres", "postgresql"):
+        return None
+    env = {"PGHOST": parts.hostname or "", "PGPORT": str(parts.port or 5432),
+           "PGUSER": urllib.parse.unquote(parts.username or ""),
+           "PGPASSWORD": urllib.parse.unquote(parts.password or ""),
+           "PGDATABASE": urllib.parse.unquote(parts.path.lstrip("/"))}
+    for key, value in urllib.parse.parse_qsl(parts.query):
+        if key == "sslmode":
+            env["PGSSLMODE"] = value
+    return {k: v for k, v in env.items() if v}
+
+
+def run_pg(argv, pg, stdin=None):
+    """A PostgreSQL client program with the URL's variables; what it writes is the deploy user's alone."""
+    env = dict(os.environ)
+    env.update(pg)
+    proc = subprocess.run(argv, env=env, input=stdin, capture_output=True, text=True,
+                          stdin=None if stdin is not None else subprocess.DEVNULL,
+                          preexec_fn=lambda: os.umask(0o077))
+    if proc.returncode:
+        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["exit %d" % proc.returncode]
+        raise Failed("%s: %s" % (argv[0], last[0]), proc.returncode, "", proc.stderr)
+    return proc.stdout
+
+
+def databases(args):
+    """The SQLite files and the PostgreSQL variables of the app, as its release's environment says."""
+    url = release_env(args["env_file"]).get("DATABASE_URL")
+    return sqlite_files(args["instance"], url), postgres_env(url)
+
+
+def schema_of(sqlite, pg):
+    """A fingerprint of the databases' schema: what a migration changes, and the data does not."""
+    import hashlib
+    import sqlite3
+    digest = hashlib.sha256()
+    for path in sqlite:
+        con = sqlite3.connect(path, timeout=30)
+        try:
+            rows = con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+        finally:
+            con.close()
+        digest.update(repr((os.path.basename(path), rows)).encode())
+    if pg and shutil.which("pg_dump"):
+        digest.update(run_pg(["pg_dump", "--schema-only", "--no-owner", "--no-privileges"], pg).encode())
+    return digest.hexdigest()
+
+
+def copy_sqlite(source, dest):
+    """A consistent copy of a live SQLite database, by its backup API (cp can catch a write half done)."""
+    import sqlite3
+    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    src = sqlite3.connect(source, timeout=30)
+    try:
+        out = sqlite3.connect(dest)
+        try:
+            src.backup(out)
+        finally:
+            out.close()
+    finally:
+        src.close()
+
+
+def take_backup(folder, sqlite, pg):
+    """The databases into `folder` (made aside, renamed into place), and its record."""
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(os.path.dirname(folder), mode=0o700, exist_ok=True)
+    os.mkdir(partial, 0o700)
+    record = {"name": os.path.basename(folder), "taken_at": now_utc(), "sqlite": {}, "postgres": None,
+              "note": "", "schema_before": schema_of(sqlite, pg)}
+    for path in sqlite:
+        name = os.path.basename(path)
+        while name in record["sqlite"]:
+            name = "_" + name
+        copy_sqlite(path, os.path.join(partial, name))
+        record["sqlite"][name] = path
+    if pg and shutil.which("pg_dump"):
+        run_pg(["pg_dump", "--no-owner", "--no-privileges", "--file", os.path.join(partial, "postgres.sql")], pg)
+        record["postgres"] = "postgres.sql"
+    elif pg:
+        record["note"] = "pg_dump is not installed on this host: the PostgreSQL database was not copied"
+    write_record(partial, record)
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.rename(partial, folder)
+    return record
+
+
+def write_record(folder, record):
+    op_write({"path": os.path.join(folder, RECORD), "text": json.dumps(record, indent=2) + "\n",
+              "mode": 0o600}, None)
+
+
+def prune_backups(parent, keep, protect):
+    """The newest `keep` backups stay, and those in `protect` (the current release's)."""
+    names = [b["name"] for b in list_backups(parent)]
+    for name in names[:-keep] if keep else []:
+        if name not in protect:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def list_backups(parent):
+    """Each backup in shared/backups, oldest first: what it holds, its size, whether the schema moved after."""
+    found = []
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(parent, name)
+        if name.startswith(".") or name.endswith(".partial") or not os.path.isdir(path):
+            continue
+        record = read_json(os.path.join(path, RECORD)) or {}
+        files = sorted(record.get("sqlite") or {}) + ([record["postgres"]] if record.get("postgres") else [])
+        size = 0
+        for f in files:
+            try:
+                size += os.path.getsize(os.path.join(path, f))
+            except OSError:
+                pass
+        found.append({"name": name, "taken_at": record.get("taken_at"), "files": files, "size": size,
+                      "moved": bool(record.get("moved")), "note": record.get("note") or ""})
+    return found
+
+
+def op_backup(args, ctx):
+    sqlite, pg = databases(args)
+    record = take_backup(args["folder"], sqlite, pg)
+    prune_backups(os.path.dirname(args["folder"]), int(args.get("keep") or 0), args.get("protect") or [])
+    return {"name": record["name"], "folder": args["folder"], "files": sorted(record["sqlite"]) +
+            ([record["postgres"]] if record["postgres"] else []), "note": record["note"]}
+
+
+def op_schema(args, ctx):
+    """After the migration: the schema's fingerprint again; the backup's record says if it moved."""
+    record = read_json(os.path.join(args["folder"], RECORD))
+    if record is None:
+        return {"moved": None}
+    sqlite, pg = databases(args)
+    record["schema_after"] = schema_of(sqlite, pg)
+    record["moved"] = record["schema_after"] != record.get("schema_before")
+    write_record(args["folder"], record)
+    return {"moved": record["moved"]}
+
+
+def op_restore(args, ctx):
+    """The databases as they are into `save` first; then those of the backup, put back in place.
+
+    SQLite files through the backup API (the running app sees the old
+    content at its next query); PostgreSQL in one transaction: what the
+    app's role owns is dropped, then the dump is loaded, or nothing changes.
+    """
+    folder = args["folder"]
+    record = read_json(os.path.join(folder, RECORD))
+    if record is None:
+        raise Failed("there is no backup %s" % os.path.basename(folder))
+    sqlite, pg = databases(args)
+    if not record.get("sqlite") and not record.get("postgres"):
+        raise Failed("backup %s holds no database%s" % (record["name"], ": " + record["note"] if record.get("note") else ""))
+    if record.get("postgres") and not pg:
+        raise Failed("backup %s holds a PostgreSQL dump, but DATABASE_URL names no PostgreSQL database" % record["name"])
+    saved = take_backup(args["save"], sqlite, pg if record.get("postgres") else None)
+    import sqlite3
+    for name, path in sorted((record.get("sqlite") or {}).items()):
+        src = sqlite3.connect(os.path.join(folder, name))
+        try:
+            live = sqlite3.connect(path, timeout=30)
+            try:
+                src.backup(live)
+            finally:
+                live.close()
+        finally:
+            src.close()
+    if record.get("postgres"):
+        run_pg(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+                "-c", "DROP OWNED BY CURRENT_USER", "-f", os.path.join(folder, record["postgres"])], pg)
+    return {"restored": record["name"], "saved": saved["name"]}
+
+
+OPS.update({"backup": op_backup, "schema": op_schema, "restore": op_restore})
 
 
 # -- serving requests -----------------------------------------------------------------------------

@@ -203,10 +203,13 @@ def prepare(t: Target, printer: Printer, steps=ph.PREPARE, through: bool = False
     if t.repaired:
         printer.line(f"[{t.host.name}] repaired: {t.repaired}", always=True)
     if steps is ph.PREPARE and not t.unchanged:
-        if through:
-            all_the_way(t, printer)
-        else:
-            run_steps(t, ph.INSTALL, printer)
+        try:
+            if through:
+                all_the_way(t, printer)
+            else:
+                run_steps(t, ph.installing(t), printer)
+        finally:
+            say_notes(t, printer)
 
 
 def all_the_way(t: Target, printer: Printer) -> None:
@@ -217,7 +220,7 @@ def all_the_way(t: Target, printer: Printer) -> None:
     switch and what follows run to their end, as they would on their own.
     """
     try:
-        run_steps(t, ph.INSTALL + ph.GO_LIVE + ph.FINISH, printer)
+        run_steps(t, ph.installing(t) + ph.GO_LIVE + ph.FINISH, printer)
     except DeployError as exc:
         if exc.phase in {step.name for step in ph.GO_LIVE}:
             recover(t, printer)
@@ -282,7 +285,8 @@ def revert(t: Target, printer: Printer, why: str) -> None:
 def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int = 0) -> None:
     started = time.monotonic()
     live: list[Target] = []
-    solo = len(targets) == 1  # nobody to wait for between preparing and switching
+    # One host, its own database: nobody to wait for between preparing and switching.
+    solo = len(targets) == 1 and not targets[0].settings.shared_database
     try:
         failures = runner.each(targets, lambda t: prepare(t, printer, through=solo))
         same = [t for t in targets if t.unchanged]
@@ -291,7 +295,9 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
             # already serving this wheel take it again under the new name.
             for t in same:
                 t.unchanged = False
-            failures = runner.each(same, lambda t: (ph.fetch_wheelhouse(t), run_steps(t, ph.INSTALL, printer)))
+            failures = runner.each(same, lambda t: (ph.fetch_wheelhouse(t), run_steps(t, ph.installing(t), printer)))
+        if not failures:
+            failures = migrate_first([t for t in targets if not t.unchanged], runner, printer)
         for t in targets:
             if t.unchanged:
                 printer.line(f"[{t.host.name}] {t.wheel.filename} is already current "
@@ -329,6 +335,28 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
         printer.line(f"deployed {live[0].release} to {hosts} in {took}", always=True)
 
 
+# -- one database for the fleet (issue 14) ------------------------------------
+
+def say_notes(t: Target, printer: Printer) -> None:
+    for note in t.notes:
+        printer.line(f"[{t.host.name}] {note}", always=True)
+    t.notes.clear()
+
+
+def migrate_first(targets: list[Target], runner: Runner, printer: Printer) -> dict:
+    """One database for the fleet: every host is installed; the primary alone runs init and
+    migrate, then every host configures and starts its release, on the migrated schema."""
+    if not targets or not any(t.settings.shared_database for t in targets):
+        return {}
+    primary = ph.primary_of(targets)
+    ph.share_initialized(targets)
+    try:
+        failures = runner.each([primary], lambda t: run_steps(t, ph.MIGRATE, printer))
+    finally:
+        say_notes(primary, printer)
+    return failures or runner.each(targets, lambda t: run_steps(t, ph.START, printer))
+
+
 # -- rollback ---------------------------------------------------------------
 
 def remembered_rollback(t: Target, printer: Printer) -> bool:
@@ -360,18 +388,23 @@ def remembered_rollback(t: Target, printer: Printer) -> bool:
     return True
 
 
-def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
-    solo = len(targets) == 1  # then the old release starts and goes live in one request
+def rollback(targets: list[Target], runner: Runner, printer: Printer, restore=None) -> None:
+    """Every host back to its previous release; with `restore` (which asks), the database too."""
+    solo = len(targets) == 1 and restore is None  # then in one request, from what was last seen
     try:
         if solo and remembered_rollback(targets[0], printer):
             failures = {}
         else:
-            failures = roll_back(targets, runner, printer, solo)
+            failures = roll_back(targets, runner, printer, solo, restore)
         if failures:
             raise summary("rollback", failures, len(targets) if len(failures) > 1 else 1)
         if not printer.json_out:
             printer.line(f"rolled back to {targets[0].release} on "
                          + ", ".join(t.host.name for t in targets), always=True)
+        if restore is not None:
+            restore_database(targets, runner, printer)
+        elif ph.schema_note(targets):
+            printer.line(ph.schema_note(targets), always=True)
     except KeyboardInterrupt:
         raise DeployError("interrupted", hint="hosts that had not switched keep their release") from None
     finally:
@@ -380,7 +413,7 @@ def rollback(targets: list[Target], runner: Runner, printer: Printer) -> None:
         runner.each(targets, ph.release_lock)
 
 
-def roll_back(targets: list[Target], runner: Runner, printer: Printer, solo: bool) -> dict:
+def roll_back(targets: list[Target], runner: Runner, printer: Printer, solo: bool, restore=None) -> dict:
     """Every host to the same earlier release: prepared on each, then switched on each."""
     failures = runner.each(targets, lambda t: prepare(t, printer, ph.ROLLBACK_PREPARE))
     names = {t.release for t in targets}
@@ -388,6 +421,10 @@ def roll_back(targets: list[Target], runner: Runner, printer: Printer, solo: boo
         failures = {targets[0]: DeployError(
             "hosts disagree on the previous release: " + ", ".join(sorted(names)),
             hint="name one with --release")}
+    if not failures and restore is not None:
+        ph.check_restorable(targets)
+        if not restore(ph.restore_question(targets)):
+            raise DeployError("not confirmed: nothing was rolled back or restored")
     if not failures and solo:
         failures = runner.each(targets, lambda t: back_all_the_way(t, printer))
     elif not failures:
@@ -395,3 +432,15 @@ def roll_back(targets: list[Target], runner: Runner, printer: Printer, solo: boo
         if not failures:
             failures = runner.each(targets, lambda t: go_live(t, printer))
     return failures
+
+
+def restore_database(targets: list[Target], runner: Runner, printer: Printer) -> None:
+    """After the switch (the old release already serves, checked): the database it migrated from."""
+    hosts = ph.database_hosts(targets)
+    failures = runner.each(hosts, lambda t: run_steps(t, ph.RESTORE, printer))
+    for t in hosts:
+        say_notes(t, printer)
+    if failures:
+        error = summary("restoring the database", failures, len(hosts))
+        error.hint = f"rolled back to {targets[0].release}, which serves on the database as it is; see fab db-backups"
+        raise error

@@ -5,7 +5,7 @@ import dataclasses
 import datetime as dt
 import json
 
-from . import plan, provisioning, render, secret
+from . import database, plan, provisioning, render, secret
 from . import phases as ph
 from .errors import DeployError
 from .fleet import Printer, run_ops, run_steps
@@ -181,3 +181,56 @@ def root_run(t: Target, ops: list, sudo: bool) -> dict:
         failed = next(p for p in phases if p.name == reply.phase)
         raise ph.explain(t, failed.ops[max(reply.index, 0)], reply.error)
     return reply.results
+
+
+# -- the app's data: backups, restores, a database host (issue 14) -------------------------
+
+def size_words(size: int) -> str:
+    for unit, step in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= step:
+            return f"{size / step:.1f} {unit}"
+    return f"{size} B"
+
+
+def backup_table(t: Target) -> str:
+    """The host's backups, newest last: * marks the one rollback --restore-db puts back."""
+    rows = [("", "BACKUP", "TAKEN AT", "SIZE", "HOLDS", "SCHEMA AFTER")]
+    for b in t.facts.backups:
+        holds = ", ".join(b.files) or (f"nothing: {b.note}" if b.note else "nothing")
+        rows.append(("*" if b.name == t.current else "", b.name, b.taken_at or "-", size_words(b.size), holds,
+                     "moved" if b.moved else "-"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def lock_for_restore(t: Target, name: str) -> None:
+    """Connect and lock; the backup must be on the host and hold a database."""
+    run_steps(t, (ph.CONNECT, ph.LOCK), Printer(quiet=True))
+    found = t.facts.backup(name)
+    if found is None or not found.files:
+        raise DeployError(f"there is no backup {name} holding a database on this host", t.host.name,
+                          hint="see fab db-backups")
+    if not t.current:
+        raise DeployError("nothing is deployed here to restore a database for", t.host.name)
+
+
+def restore(t: Target, name: str) -> str:
+    """Backup `name` back into the databases of the current release; under the lock, audited."""
+    results = run_ops(t, "restore", ph.restore_ops(t, name), interruptible=False)
+    done = results.get("restore") or {}
+    return (f"{t.host.name}: restored the database from backup {name};"
+            f" as it was just before, it is backup {done.get('saved')}")
+
+
+def provision_database(t: Target, url) -> None:
+    """A host with the database role: PostgreSQL for the app, each step run only where needed."""
+    ph.connect(t)
+    sudo = t.host.conn.user != "root"
+    steps = database.provision_steps(t.settings, database.checked_url(url, t.host.name))
+    results = root_run(t, [step.op for step in steps], sudo)
+    changed = 0
+    for step in steps:
+        state = result_word(results.get(step.name)) if not t.host.dry_run else "would check"
+        changed += state == "changed"
+        print(f"[{t.host.name}] {state:<10} {step.name}", flush=True)
+    print(f"[{t.host.name}] " + (f"{changed} step(s) changed" if changed else "nothing to change"))

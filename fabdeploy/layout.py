@@ -138,6 +138,14 @@ class Layout:
     def backups(self) -> str:
         return self._join("shared", "backups")
 
+    def env_file(self, name: str) -> str:
+        """The environment release `name` runs with (env and secrets, 0600): see plan.in_release."""
+        return self._join("releases", name, "env")
+
+    def backup(self, name: str) -> str:
+        """A copy of the app's databases, taken before release `name`'s migration (or a restore)."""
+        return self._join("shared", "backups", name)
+
     def pid_file(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.pid")
 
@@ -148,8 +156,8 @@ class Layout:
             "root": self.root, "releases": self.releases, "current": self.current,
             "live": self.live_socket, "lock": self.lock, "initialized": self.initialized,
             "config": self.config_py, "wheelhouse": self.wheelhouse, "preview_map": self.preview_map,
-            "preview_unloaded": self.preview_unloaded,
-            "release_files": {"bind": "BIND", "meta": "RELEASE.json", "failed": "FAILED"},
+            "preview_unloaded": self.preview_unloaded, "backups": self.backups,
+            "release_files": {"bind": "BIND", "meta": "RELEASE.json", "failed": "FAILED", "env": "env"},
             # Private where it holds secrets or logs; open where the proxy's workers read.
             "dirs": {self.releases: 0o755, shared: 0o755, self.run_dir: 0o755,
                      self._join("shared", "log"): 0o750, self.wheelhouse: 0o755, self.instance: 0o700,

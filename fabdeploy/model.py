@@ -136,6 +136,23 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class Backup:
+    """A copy of the app's databases in shared/backups/<name>, as the agent lists it."""
+
+    name: str                 # the release whose migration it came before (or <name>-before-restore)
+    taken_at: str = ""
+    files: tuple[str, ...] = ()   # the SQLite files in it, and postgres.sql
+    size: int = 0
+    moved: bool = False       # the migration after it changed the schema
+    note: str = ""            # why something could not be copied (no pg_dump on the server)
+
+    @classmethod
+    def parse(cls, data: dict) -> "Backup":
+        return cls(data["name"], data.get("taken_at") or "", tuple(data.get("files") or ()),
+                   int(data.get("size") or 0), bool(data.get("moved")), data.get("note") or "")
+
+
+@dataclass(frozen=True)
 class HostFacts:
     """A host as the agent saw it, parsed once."""
 
@@ -168,6 +185,8 @@ class HostFacts:
     ipv6: bool = False
     failed_units: tuple[str, ...] = ()
     active_units: tuple[str, ...] = ()
+    env_sha256: str | None = None       # the current release's env file (issue 14)
+    backups: tuple[Backup, ...] = ()    # shared/backups, oldest first
 
     @classmethod
     def parse(cls, data: dict) -> "HostFacts":
@@ -193,10 +212,15 @@ class HostFacts:
             registration=Registration(reg["values"], reg.get("path", "")) if reg else None,
             site_sha256=data.get("site_sha256"), ipv6=bool(data.get("ipv6")),
             failed_units=tuple(data.get("failed_units", [])),
-            active_units=tuple(data.get("active_units", [])))
+            active_units=tuple(data.get("active_units", [])),
+            env_sha256=data.get("env_sha256"),
+            backups=tuple(Backup.parse(b) for b in data.get("backups") or ()))
 
     def release(self, name: str | None) -> Release | None:
         return next((r for r in self.releases if r.name == name), None)
+
+    def backup(self, name: str | None) -> Backup | None:
+        return next((b for b in self.backups if b.name == name), None)
 
     @property
     def current_release(self) -> Release | None:

@@ -85,12 +85,16 @@ class Write(Op):
     text: str = field(repr=False)
     mode: int = 0o644
     secret: bool = False
+    shown: str | None = field(default=None, repr=False)  # a secret file as shown: each secret as <secret>
     kind = "write"
 
     def fields(self) -> dict:
         return {"path": self.path, "text": self.text, "mode": self.mode, "secret": self.secret}
 
     def describe(self, results: dict | None = None) -> list[str]:
+        if self.secret and self.shown is not None:
+            return [f"would write {self.path} (mode {self.mode:o}, secrets shown as <secret>):",
+                    *indented(self.shown)]
         if self.secret:
             return [f"would write {self.path} (mode {self.mode:o}, secret: not shown)"]
         return [f"would write {self.path} (mode {self.mode:o}):", *indented(self.text)]
@@ -419,6 +423,74 @@ class Install(Op):
         group = f", group {self.group}" if self.group else ""
         lines = [f"would install {self.path} (mode {self.mode:o}{group}) if it differs:", *indented(self.text)]
         return lines + [f"would run: {c}" for c in (self.validate, self.test, self.after) if c]
+
+
+# -- the app's data: backups, migrations, restores (issue 14) ---------------------------
+
+@dataclass(frozen=True)
+class Migrate(Sh):
+    """The app's migrate_command; a failure names the backup taken just before it."""
+
+    backup: str = ""                 # the folder the backup op before it fills (not sent)
+
+
+@dataclass(frozen=True)
+class Backup(Op):
+    """A consistent copy of the app's databases into `folder`, and a fingerprint of their schema.
+
+    The SQLite files in `instance` (and the one DATABASE_URL names) through
+    SQLite's backup API; a PostgreSQL DATABASE_URL, read from `env_file`, with
+    pg_dump where the server has it. The newest `keep` backups stay, and
+    always those in `protect`; older ones are removed.
+    """
+
+    instance: str
+    env_file: str
+    folder: str
+    keep: int = 5
+    protect: tuple = ()
+    kind = "backup"
+
+    def fields(self) -> dict:
+        return {"instance": self.instance, "env_file": self.env_file, "folder": self.folder,
+                "keep": self.keep, "protect": list(self.protect)}
+
+    def describe(self, results: dict | None = None) -> list[str]:
+        return [f"would back up the app's databases (SQLite in {self.instance}; PostgreSQL with pg_dump)"
+                f" to {self.folder}, keeping the newest {self.keep} backups"]
+
+
+@dataclass(frozen=True)
+class Schema(Op):
+    """After a migration: whether the schema moved, noted in the backup taken before it."""
+
+    instance: str
+    env_file: str
+    folder: str
+    kind = "schema"
+
+    def fields(self) -> dict:
+        return {"instance": self.instance, "env_file": self.env_file, "folder": self.folder}
+
+    def describe(self, results: dict | None = None) -> list[str]:
+        return [f"would note in {self.folder} whether the migration changed the schema"]
+
+
+@dataclass(frozen=True)
+class Restore(Op):
+    """Put the databases of backup `folder` back; the databases as they are go to `save` first."""
+
+    folder: str
+    instance: str
+    env_file: str
+    save: str
+    kind = "restore"
+
+    def fields(self) -> dict:
+        return {"folder": self.folder, "instance": self.instance, "env_file": self.env_file, "save": self.save}
+
+    def describe(self, results: dict | None = None) -> list[str]:
+        return [f"would copy the databases as they are to {self.save}, then put back those of {self.folder}"]
 
 
 @dataclass(frozen=True)

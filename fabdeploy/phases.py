@@ -19,12 +19,12 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import memo, plan, provisioning, render, secret, servers, wheelhouse
+from . import appenv, database, memo, plan, provisioning, render, secret, servers, wheelhouse
 from .build import Wheel
 from .errors import DeployError, tail
-from .layout import Layout, SystemPaths, previous_release, releases_to_remove
+from .layout import Layout, SystemPaths, previous_release, release_name, releases_to_remove
 from .model import Bind, HostFacts, Problem, Release, ReleaseState
-from .ops import Health, Helper, Link, Op, Phase, Site, Upload, Write
+from .ops import Health, Helper, Link, Migrate, Op, Phase, Site, Upload, Write
 from .remote import Host
 from .settings import Settings
 
@@ -57,6 +57,10 @@ class Target:
     raw_facts: dict = field(default_factory=dict, repr=False)  # as the agent said them: for memo
     repaired: str = ""         # what the deploy found half switched and put right
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # -- the app's environment and data (issue 14)
+    app_env: appenv.AppEnv | None = field(default=None, repr=False)  # env and secrets' values
+    backup_taken: dict | None = None  # what the backup before this release's migration holds
+    notes: list = field(default_factory=list)  # lines the fleet prints for this host after a phase
 
     @property
     def provisioned(self) -> bool:
@@ -244,7 +248,8 @@ def await_wheel(t: Target) -> None:
 def check_unchanged(t: Target) -> None:
     """Skip the deploy when the very same wheel already serves."""
     current = t.facts.current_release if t.facts else None
-    if not t.force and current and current.meta.get("sha256") == t.wheel.sha256:
+    same_env = (t.app_env.sha256 if t.app_env else None) == t.facts.env_sha256
+    if not t.force and current and current.meta.get("sha256") == t.wheel.sha256 and same_env:
         t.unchanged = True
 
 
@@ -611,6 +616,8 @@ def explain(t: Target, op: Op, error: dict) -> DeployError:
         if error.get("stale"):
             return DeployError(f"{proxy} still serves its old configuration after a reload", name,
                                hint=f"a reload {proxy} cannot apply is only logged: see {proxy}'s error log")
+    if isinstance(op, Migrate):
+        return migration_failed(t, op, error)
     if isinstance(op, Helper):
         return DeployError(f"{op.what} failed ({first_line(output) or error.get('message')})", name,
                            hint=op.hint or "is the host provisioned with this fabric.yaml? "
@@ -669,6 +676,143 @@ def app_error(log: str, lines: int = 20) -> str:
             return "\n".join(text[max(0, end - lines + 1):end + 1])
     # No traceback (e.g. gunicorn's "Failed to find attribute"): the run's first lines say it.
     return "\n".join(text[:lines])
+
+
+# -- the app's environment and data (issue 14) --------------------------------------------------
+
+def has_env(t: Target) -> bool:
+    return t.app_env is not None and not t.app_env.empty
+
+
+def write_env(t: Target) -> list[Op]:
+    """The environment the release runs with (appenv): 0600 from its first byte, secrets never shown."""
+    path = t.layout.env_file(t.release)
+    return [Write(path, t.app_env.text, mode=0o600, secret=True, shown=t.app_env.shown,
+                  what=f"writing {path}")]
+
+
+def migrates(t: Target) -> bool:
+    return bool(t.settings.migrate_command)
+
+
+def backup(t: Target) -> list[Op]:
+    """The databases as the live release leaves them, before the new one migrates them."""
+    return [database.backup(t.settings, t.layout, t.release, t.current)]
+
+
+def backed_up(t: Target, results: dict) -> None:
+    t.backup_taken = results.get("backup")
+    if t.backup_taken and t.backup_taken.get("note"):
+        t.notes.append(t.backup_taken["note"])
+
+
+def migrate(t: Target) -> list[Op]:
+    """migrate_command on every deploy: the new release's code and environment, before it starts."""
+    return database.migrate(t.settings, t.layout, t.release)
+
+
+def migrated(t: Target, results: dict) -> None:
+    if not (results.get("schema") or {}).get("moved"):
+        return
+    command = f"flask {' '.join(t.settings.migrate_command)}"
+    if t.backup_taken and t.backup_taken.get("files"):
+        t.notes.append(f"{command} changed the schema; backup {t.release} holds the database from before it")
+    else:
+        t.notes.append(f"{command} made the schema (there was no database before it)")
+
+
+def migration_failed(t: Target, op: Migrate, error: dict) -> DeployError:
+    """A failed migration: its cause and output, that the live release serves on, and the backup."""
+    output = "\n".join(text.strip() for text in (error.get("stdout") or "", error.get("stderr") or "")
+                       if text.strip())
+    # Its own exception, else its last line: Flask-Migrate logs "ERROR [flask_migrate] Error: ..." and exits 1.
+    last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+    cause = server_cause(output) or last.partition("Error: ")[2] or last or error.get("message") or "failed"
+    return DeployError(f"{op.what} failed: {cause}", t.host.name,
+                       hint=f"the live release keeps serving; {backup_words(t)}", detail=tail(output, 25) or None)
+
+
+def backup_words(t: Target) -> str:
+    taken = t.backup_taken
+    if not taken:
+        return "no backup was taken"
+    if not taken.get("files"):
+        return f"backup {taken['name']} holds no database ({taken.get('note') or 'none was found'})"
+    return f"the database before it is backup {taken['name']} in {taken['folder']} (fab db-backups)"
+
+
+def installing(t: Target) -> tuple:
+    """A host's install. With a database of its own it migrates it and starts, in the same request;
+    with one database for the fleet only INSTALL runs here, and fleet.migrate_first runs MIGRATE
+    on the primary once every host is installed, then START on every host."""
+    return INSTALL if t.settings.shared_database else INSTALL + MIGRATE + START
+
+
+def primary_of(targets: list[Target]) -> Target | None:
+    """The host that migrates a shared database: the one marked primary, else the first."""
+    marked = [t for t in targets if t.settings.primary]
+    return (marked or list(targets) or [None])[0]
+
+
+def database_hosts(targets: list[Target]) -> list[Target]:
+    """Where the app's database is backed up, migrated and restored: the primary, or every host."""
+    if any(t.settings.shared_database for t in targets):
+        return [primary_of(targets)]
+    return list(targets)
+
+
+def share_initialized(targets: list[Target]) -> None:
+    """init_command ran on a host of the fleet before: the shared database has it, not again."""
+    primary = primary_of(targets)
+    if primary and any(t.facts.initialized for t in targets):
+        primary.facts = dataclasses.replace(primary.facts, initialized=True)
+
+
+def restore_ops(t: Target, name: str) -> list[Op]:
+    """Backup `name` back into the current release's databases, audited; they are kept as a backup first."""
+    save = f"{release_name()}-before-restore"
+    return [database.restore(t.layout, name, t.current, save),
+            audit_op(t, "restore-db", backup=name, saved=save)]
+
+
+def restore_db(t: Target) -> list[Op]:
+    """After a rollback --restore-db: the backup taken before the migration of the release it left."""
+    return restore_ops(t, t.old)
+
+
+def restored(t: Target, results: dict) -> None:
+    done = results.get("restore") or {}
+    t.notes.append(f"restored the database from backup {done.get('restored')};"
+                   f" as it was just before, it is backup {done.get('saved')}")
+
+
+def check_restorable(targets: list[Target]) -> None:
+    """Before anything moves: each database host has the backup of the release being left."""
+    for t in database_hosts(targets):
+        found = t.facts.backup(t.current)
+        if found is None or not found.files:
+            why = "there is none" if found is None else f"it holds no database ({found.note or 'none was found'})"
+            raise DeployError(f"cannot restore the backup taken before release {t.current}'s migration: {why}",
+                              t.host.name, hint="see fab db-backups; roll back without --restore-db")
+
+
+def restore_question(targets: list[Target]) -> str:
+    hosts = database_hosts(targets)
+    name = hosts[0].current
+    return (f"Put back backup {name}, the database from before release {name}'s migration, on "
+            f"{', '.join(t.host.name for t in hosts)}? What was written since is lost "
+            f"(the database as it is now is kept as a backup).")
+
+
+def schema_note(targets: list[Target]) -> str | None:
+    """After a plain rollback across a migration: the one line that says so, and how to restore."""
+    moved = [t for t in database_hosts(targets) if t.old and t.facts.backup(t.old) and t.facts.backup(t.old).moved]
+    if not moved:
+        return None
+    old = moved[0].old
+    return (f"the database keeps the schema release {old}'s migration made: fab db-restore --backup {old}"
+            f" puts back the one from before it (on {', '.join(t.host.name for t in moved)};"
+            f" what was written since is lost)")
 
 
 # -- the sequences --------------------------------------------------------------------------------
@@ -732,7 +876,14 @@ INSTALL = (
     Step("venv", create_venv),
     Step("install", install),
     Step("secret", write_secret),
+    Step("env", write_env, when=has_env),
+)
+MIGRATE = (
     Step("init", initialise),
+    Step("backup", backup, when=migrates, done=backed_up),
+    Step("migrate", migrate, when=migrates, done=migrated),
+)
+START = (
     Step("configure", configure),
     Step("start", start),
 )
@@ -770,3 +921,4 @@ ROLLBACK_PREPARE = (CONNECT, LOCK,
 ROLLBACK_START = (Step("configure", configure_rollback), Step("start", start))
 UNLOCK = (Step("unlock", unlock, done=unlocked, printed=False, steady=True),)
 GUARD = Step("guard", guard, printed=False)
+RESTORE = (Step("restore", restore_db, done=restored),)

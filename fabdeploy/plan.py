@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from shlex import quote
 
-from . import servers
+from . import appenv, servers
 from .layout import Layout, SystemPaths
 from .render import NEXT
 from .model import Bind, Problem
@@ -130,8 +130,10 @@ def link_instance(settings: Settings, layout: Layout, release: str) -> str:
 
 
 def in_release(layout: Layout, release: str, command: str) -> str:
-    """Run a command from the release directory, never with $PORT set."""
-    return f"cd {quote(layout.release(release))} && env -u PORT {command}"
+    """Run a command from the release directory, with the environment the release runs with
+    (its env file: appenv.loader), never with $PORT set."""
+    return (f"cd {quote(layout.release(release))} && {appenv.loader(layout.env_file(release))}"
+            f" && env -u PORT {command}")
 
 
 def flask(settings: Settings, layout: Layout, release: str, words: tuple[str, ...]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from shlex import quote
 
+from . import appenv
 from .catalog import SERVERS, WORKERS
 from .layout import Layout
 from .model import Bind
@@ -76,6 +77,8 @@ def serve_script(settings: Settings, layout: Layout, release: str, bind: Bind) -
             f'if [ -n "$INVOCATION_ID" ]; then exec > >(exec tee -a {log}) 2>&1; else exec >> {log} 2>&1; fi\n'
             f"echo {quote(start_marker(release))}\n"
             f"cd {quote(layout.release(release))} || exit 1\n"
+            f"# The environment this release runs with: env and secrets (see appenv).\n"
+            f"{appenv.loader(layout.env_file(release))}\n"
             f"# gunicorn would bind 0.0.0.0:$PORT if PORT were set.\n"
             f"unset PORT\n"
             f"exec {serve_command(settings, layout, release, bind)}\n")

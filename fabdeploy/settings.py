@@ -7,6 +7,7 @@ connects. Values that reach a shell are still quoted where they are used.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -64,8 +65,16 @@ DEFAULTS: dict[str, Any] = {
         "user": "deploy",
         "public_key": None,
         "packages": None,
+        "database_clients": ["samenet"],   # who may reach a database host's PostgreSQL
     },
+    # -- the app's environment and data (issue 14) --
+    "env": {},                 # NAME: value, plain settings for the app
+    "secrets": {},             # NAME: {env: VAR} | {file: path} | {command: "..."}, read where you deploy
+    "migrate_command": "",     # a flask command run on every deploy, e.g. "db upgrade"
+    "database": "local",       # local (each host its own) | shared (one for the fleet: migrate once)
 }
+# Mappings whose keys are the user's own names, not settings of ours.
+FREE_FORM = {"env", "secrets"}
 
 # Old names, and the new key each now is. They work for this version, with a warning.
 RENAMED = {
@@ -162,6 +171,20 @@ class ProvisionSettings:
     user: str
     public_key: str | None
     packages: tuple[str, ...]
+    database_clients: tuple[str, ...] = ("samenet",)
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where a secret's value is read, on the machine you deploy from: never from fabric.yaml."""
+
+    kind: str    # env | file | command
+    value: str   # the variable's name, the file's path, or the command
+
+    def describe(self) -> str:
+        return {"env": f"the local environment variable {self.value}",
+                "file": f"the local file {self.value}",
+                "command": f"the output of the local command: {self.value}"}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -190,6 +213,17 @@ class Settings:
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # for per-host overrides
     base_dir: Path | None = None
     warnings: tuple[str, ...] = ()
+    # -- the app's environment and data (issue 14) --
+    env: dict = field(default_factory=dict, compare=False)      # NAME -> plain value
+    secrets: dict = field(default_factory=dict, compare=False)  # NAME -> SecretSource
+    migrate_command: tuple[str, ...] = ()
+    database: str = "local"        # shared: one database for the fleet, migrated by its primary
+    role: str = "app"              # this host's role, from its `hosts` entry: app or database
+    primary: bool = False          # this host's entry is marked primary
+
+    @property
+    def shared_database(self) -> bool:
+        return self.database == "shared"
 
     @property
     def import_name(self) -> str:
@@ -209,10 +243,12 @@ class Settings:
     def for_host(self, user: str | None, host: str, port: int | None) -> "Settings":
         """These settings with the host's own overrides, if `hosts` gives any."""
         entry = next((e for e in self.hosts if e.matches(user, host, port)), None)
-        if entry is None or not entry.overrides:
+        if entry is None:
             return self
-        return build(overlay(self.raw, entry.overrides), self.base_dir, self.hosts,
-                     prefix=f"hosts[{entry.spec}].")
+        own = self if not entry.overrides else build(overlay(self.raw, entry.overrides), self.base_dir,
+                                                     self.hosts, prefix=f"hosts[{entry.spec}].")
+        database = "shared" if any(e.primary for e in self.hosts) else own.database
+        return dataclasses.replace(own, role=entry.role, primary=entry.primary, database=database)
 
 
 # -- reading fabric.yaml ----------------------------------------------------------
@@ -239,7 +275,7 @@ def merge(defaults: dict, given: dict, prefix: str = "") -> dict:
             close = difflib.get_close_matches(key, list(defaults), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise DeployError(f"unknown setting 'fabdeploy.{name}'{hint}", hint="fix fabric.yaml")
-        if isinstance(defaults[key], dict):
+        if isinstance(defaults[key], dict) and name not in FREE_FORM:
             if not isinstance(value, dict):
                 raise fail(name, "must be a mapping")
             merged[key] = merge(defaults[key], value, name + ".")
@@ -510,7 +546,8 @@ def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
         user=name("provision.user", pv["user"], longest=32),
         public_key=None if pv["public_key"] is None else text("provision.public_key", pv["public_key"]),
         packages=listing("provision.packages", pv["packages"] or PROVISION_PACKAGES[proxy_kind],
-                         debian_package))
+                         debian_package),
+        database_clients=listing("provision.database_clients", pv["database_clients"], database_client))
     wsgi = text("wsgi", v["wsgi"] or f"{app.replace('-', '_')}:create_app()", allow_empty=False)
     return Settings(
         app=app, wsgi=wsgi,
@@ -529,13 +566,105 @@ def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
         known_hosts=path("known_hosts", v["known_hosts"]),
         server=server, proxy=proxy, provision=provision,
         hosts=hosts, raw=raw, base_dir=base_dir,
-        warnings=tuple(prefix + w for w in warnings))
+        warnings=tuple(prefix + w for w in warnings),
+        **data_settings(v))
 
 
 def health_path(key: str, value: Any) -> str:
     if not isinstance(value, str) or not URL_PATH.match(value):
         raise fail(key, f"must be a URL path such as /healthz (no spaces), not {value!r}")
     return value
+
+
+# -- the app's environment and data (issue 14) ---------------------------------
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names the release's processes get from fabdeploy, never from the user.
+RESERVED_ENV = {"PORT": "gunicorn would bind 0.0.0.0:$PORT, so a release never runs with it"}
+SOURCES = ("env", "file", "command")
+DATABASES = ("local", "shared")
+ROLES = ("app", "database")
+
+
+def env_name(key: str, name: Any) -> str:
+    if not isinstance(name, str) or not ENV_NAME.match(name):
+        raise fail(key, f"is not an environment variable name (letters, digits, _): {name!r}")
+    if name in RESERVED_ENV or name.startswith("FABDEPLOY_"):
+        why = RESERVED_ENV.get(name, "FABDEPLOY_* names are fabdeploy's own")
+        raise fail(key, f"cannot be set: {why}")
+    return name
+
+
+def env_values(key: str, value: Any) -> dict:
+    """Plain values for the app: strings or numbers (quote true/false, which YAML reads as booleans)."""
+    if not isinstance(value, dict):
+        raise fail(key, f"must be a mapping of NAME: value, not {value!r}")
+    found = {}
+    for name, item in value.items():
+        env_name(f"{key}.{name}", name)
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise fail(f"{key}.{name}", f"must be a string or a number (quote it: '{item}'), not {item!r}"
+                       if isinstance(item, bool) else f"must be a string or a number, not {item!r}")
+        if "\0" in str(item):
+            raise fail(f"{key}.{name}", "cannot hold a NUL character")
+        found[name] = str(item)
+    return found
+
+
+def secret_sources(key: str, value: Any) -> dict:
+    """Where each secret comes from: exactly one of env, file or command, never the value itself."""
+    if not isinstance(value, dict):
+        raise fail(key, "must be a mapping of NAME: {env: VAR}, {file: path} or {command: ...}")
+    found = {}
+    for name, item in value.items():
+        where = f"{key}.{name}"
+        env_name(where, name)
+        given = [k for k in SOURCES if isinstance(item, dict) and k in item]
+        if not isinstance(item, dict) or len(given) != 1 or len(item) != 1:
+            # Never echo the item: it may be the secret itself, written where it must not be.
+            raise fail(where, "must be one of {env: VAR}, {file: path} or {command: ...}: "
+                              "the value itself never goes into fabric.yaml")
+        kind = given[0]
+        source = item[kind]
+        if kind == "env":
+            if not isinstance(source, str) or not ENV_NAME.match(source):
+                raise fail(f"{where}.env", f"is not an environment variable name: {source!r}")
+        else:
+            source = text(f"{where}.{kind}", source, allow_empty=False)
+        found[name] = SecretSource(kind, source)
+    return found
+
+
+def database_client(key: str, value: Any) -> str:
+    """Who may reach a database host's PostgreSQL: samenet, samehost, or a network (CIDR)."""
+    if value in ("samenet", "samehost"):
+        return value
+    try:
+        return str(ipaddress.ip_network(str(value), strict=False))
+    except ValueError:
+        raise fail(key, f"must be samenet, samehost or a network such as 10.0.0.0/16, not {value!r}") from None
+
+
+def data_settings(v: dict) -> dict:
+    """env, secrets, migrate_command and database, checked; a name in both env and secrets is refused."""
+    env = env_values("env", v["env"] or {})
+    secrets = secret_sources("secrets", v["secrets"] or {})
+    both = sorted(set(env) & set(secrets))
+    if both:
+        raise fail(f"secrets.{both[0]}", "is in env too: give each name once")
+    return {"env": env, "secrets": secrets,
+            "migrate_command": words("migrate_command", v["migrate_command"]),
+            "database": choice("database", v["database"], DATABASES)}
+
+
+def entry_role(spec: str, item: dict) -> tuple[str, bool]:
+    """A `hosts` entry's role (app, or the database host provision sets up) and its primary mark."""
+    key = f"hosts[{spec}]"
+    role = choice(f"{key}.role", item.get("role", "app"), ROLES)
+    primary = boolean(f"{key}.primary", item.get("primary", False))
+    if primary and role != "app":
+        raise fail(f"{key}.primary", "marks the app host that migrates a shared database, not the database host")
+    return role, primary
 
 
 def split_host(spec: str) -> tuple[str | None, str, int | None]:
@@ -551,6 +680,8 @@ class HostEntry:
 
     spec: str
     overrides: dict
+    role: str = "app"        # or database: provision sets up PostgreSQL there; deploys skip it
+    primary: bool = False    # migrates the fleet's shared database
 
     def matches(self, user: str | None, host: str, port: int | None) -> bool:
         e_user, e_host, e_port = split_host(self.spec)
@@ -563,9 +694,9 @@ def host_entries(raw: list, base: dict, base_dir: Path) -> list[HostEntry]:
         if isinstance(item, str):
             entries.append(HostEntry(item, {}))
         elif isinstance(item, dict) and isinstance(item.get("host"), str):
-            overrides = {k: v for k, v in item.items() if k != "host"}
+            overrides = {k: v for k, v in item.items() if k not in ("host", "role", "primary")}
             build(overlay(base, overrides), base_dir, prefix=f"hosts[{item['host']}].")  # validate now
-            entries.append(HostEntry(item["host"], overrides))
+            entries.append(HostEntry(item["host"], overrides, *entry_role(item["host"], item)))
         else:
             raise DeployError(f"each of fabdeploy.hosts must be 'user@host' or a mapping with "
                               f"a 'host' key, not {item!r}", hint="fix fabric.yaml")
@@ -592,7 +723,13 @@ def resolve(given: dict, base_dir: Path, stage: str | None = None) -> Settings:
         hosts = chosen.pop("hosts", hosts)
         raw = overlay(raw, chosen)
     entries = tuple(host_entries(hosts, raw, base_dir))
-    return build(raw, base_dir, entries)
+    primaries = [e.spec for e in entries if e.primary]
+    if len(primaries) > 1:
+        raise fail(f"hosts[{primaries[1]}].primary", f"is set on {primaries[0]} already: one host migrates")
+    if primaries and raw.get("database") == "local":
+        raise fail("database", f"is local, but {primaries[0]} is marked primary: set database: shared")
+    settings = build(raw, base_dir, entries)
+    return dataclasses.replace(settings, database="shared") if primaries else settings
 
 
 def warn(settings: Settings, stream=None) -> None:

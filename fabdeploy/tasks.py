@@ -22,7 +22,7 @@ from fabric import Config, Connection
 from invoke import Task
 from invoke.exceptions import Exit
 
-from . import fleet, hostinfo, secret
+from . import appenv, fleet, hostinfo, secret
 from . import phases as ph
 from .build import start_build
 from .errors import DeployError
@@ -81,16 +81,23 @@ class Invocation:
         self.runner = fleet.Runner(parallel)
         self.hosts: list[ph.Target] = []
 
-    def targets(self, **fields) -> list[ph.Target]:
-        """One Target per host (-H, else the configured hosts), each with its own settings."""
+    def targets(self, databases: bool = False, **fields) -> list[ph.Target]:
+        """One Target per host (-H, else the configured hosts), each with its own settings.
+
+        A host with `role: database` is provision's only (the app is not deployed there).
+        """
         conns = self.conns
         if not conns:
-            if not self.settings.hosts:
+            entries = [e for e in self.settings.hosts if databases or e.role == "app"]
+            if not entries:
                 raise DeployError("no host given",
                                   hint="pass -H user@host, or set fabdeploy.hosts (or stages and --stage)")
-            conns = [Connection(entry.spec, config=self.config) for entry in self.settings.hosts]
+            conns = [Connection(entry.spec, config=self.config) for entry in entries]
         for conn in conns:
             own = self.settings.for_host(conn.user, conn.host, conn.port)
+            if own.role == "database" and not databases:
+                raise DeployError(f"{conn.host} is the database host (role: database): the app is not deployed "
+                                  "there", hint="name the app hosts with -H, or leave -H out")
             host = Host(conn, own.known_hosts, python=own.python, dry_run=self.dry_run)
             self.hosts.append(ph.Target(host, own, cancelled=self.runner.cancelled, **fields))
         return self.hosts
@@ -192,21 +199,43 @@ def parse_batch(batch, hosts: int) -> int:
 def deploy(run: Invocation, force=False, dry_run=False, batch="0", parallel=10, quiet=False, stage=None,
            json=False):
     """Build the wheel, install it as a new release, and switch to it when healthy."""
+    targets = run.targets(release=release_name(), secret_key=secret.new_key(), force=force)
+    resolver = appenv.Resolver()
+    for t in targets:  # read here, before the build and before any host: a missing secret changes nothing
+        t.app_env = resolver.app_env(t.settings)
     wheel = start_build(Path(run.settings.project_dir))  # while the hosts connect and lock
-    targets = run.targets(release=release_name(), building=wheel, secret_key=secret.new_key(), force=force)
+    for t in targets:
+        t.building = wheel
     fleet.deploy(targets, run.runner, run.printer, batch=parse_batch(batch, len(targets)))
 
 
 @fleet_task(help={
     "stage": STAGE_HELP,
     "release": "the release to return to (default: the one before current)",
+    "restore-db": "also put back the database backup taken before the current release's migration (asks)",
+    "yes": "with --restore-db: do not ask (CI)",
     "json": JSON_HELP,
     "parallel": "work on at most this many hosts at once (default 10)",
     "quiet": "print only the outcome",
 })
-def rollback(run: Invocation, release=None, parallel=10, quiet=False, stage=None, json=False):
-    """Switch back to the previous release, or to --release NAME."""
-    fleet.rollback(run.targets(release=release or "", action="rollback"), run.runner, run.printer)
+def rollback(run: Invocation, release=None, restore_db=False, yes=False, parallel=10, quiet=False, stage=None,
+             json=False):
+    """Switch back to the previous release, or to --release NAME; with --restore-db, its database too."""
+    ask = asker(yes, "--restore-db") if restore_db else None
+    fleet.rollback(run.targets(release=release or "", action="rollback"), run.runner, run.printer, restore=ask)
+
+
+def asker(yes: bool, option: str):
+    """--yes, or a question on the terminal; without a terminal (CI) it fails before anything connects."""
+    if yes:
+        return lambda question: True
+    if not sys.stdin.isatty():
+        raise DeployError(f"{option} overwrites the database and asks first, but there is no terminal to ask on",
+                          hint="pass --yes to go ahead without asking")
+
+    def ask(question: str) -> bool:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    return ask
 
 
 # -- the small tasks: one host after another ---------------------------------
@@ -242,8 +271,22 @@ def rotate_secret(run: Invocation, stage=None):
 @fleet_task(help={"stage": STAGE_HELP, "dry-run": "print the steps' commands; change nothing",
                   "replace-sudo": "remove the deploy user's other sudo rights (else provision refuses)"})
 def provision(run: Invocation, stage=None, dry_run=False, replace_sudo=False):
-    """Prepare a fresh server (as root): packages, the deploy user, root's site and units, narrow sudo."""
-    run.one_by_one(lambda t: hostinfo.provision(t, replace_sudo))
+    """Prepare a fresh server (as root): packages, the deploy user, root's site and units, narrow sudo.
+
+    On a host whose `hosts` entry has `role: database`: PostgreSQL for the app (see database.py).
+    """
+    targets = run.targets(databases=True)
+    resolver = appenv.Resolver()
+    urls = {t: appenv.DatabaseUrl.parse(resolver.value(t.settings, "DATABASE_URL") or "")
+            for t in targets if t.settings.role == "database"}  # read before any host is touched
+    for t in targets:
+        try:
+            if t in urls:
+                hostinfo.provision_database(t, urls[t])
+            else:
+                hostinfo.provision(t, replace_sudo)
+        except DeployError as exc:
+            raise exc.on(t.host.name)
 
 
 @fleet_task(help={"stage": STAGE_HELP, "json": "one JSON object per host"})
@@ -260,3 +303,43 @@ def status(run: Invocation, stage=None, json=False):
 def logs(run: Invocation, stage=None, follow=False, lines=50):
     """Show the app's log (the server's errors, with the app's tracebacks) on each host."""
     run.one_by_one(lambda t: hostinfo.logs(t, int(lines), follow))
+
+
+# -- the app's settings, secrets and data (issue 14) ---------------------------
+
+@fleet_task(help={"stage": STAGE_HELP})
+def config(run: Invocation, stage=None):
+    """List the app's env and secrets: each name and where its value comes from, never a value."""
+    print("\n".join(appenv.config_lines(run.settings)))
+
+
+@fleet_task(name="db-backups", help={"stage": STAGE_HELP})
+def db_backups(run: Invocation, stage=None):
+    """List the database backups taken before each migration (* the current release's)."""
+    def show(t):
+        hostinfo.read(t)
+        print(f"{t.host.name} ({t.layout.backups}), * = before the current release's migration")
+        print(hostinfo.backup_table(t) if t.facts.backups else "  no backups")
+    run.one_by_one(show)
+
+
+@fleet_task(name="db-restore", help={"stage": STAGE_HELP, "backup": "the backup to put back (see fab db-backups)",
+                                     "yes": "do not ask (CI)"})
+def db_restore(run: Invocation, backup, yes=False, stage=None):
+    """Put a database backup back (the database as it is becomes a backup first), after asking."""
+    ask = asker(yes, "db-restore")
+    hosts = ph.database_hosts(run.targets(action="db-restore"))
+    try:
+        for t in hosts:
+            try:
+                hostinfo.lock_for_restore(t, backup)
+            except DeployError as exc:
+                raise exc.on(t.host.name)
+        if not ask(f"Put back backup {backup} on {', '.join(t.host.name for t in hosts)}? What was written "
+                   f"since it was taken is lost (the database as it is now is kept as a backup)."):
+            raise DeployError("not confirmed: nothing was restored")
+        for t in hosts:
+            print(hostinfo.restore(t, backup), flush=True)
+    finally:
+        for t in hosts:
+            ph.release_lock(t)

@@ -462,6 +462,19 @@ def container_ids(root: pathlib.Path, user: str) -> tuple[int, int]:
     raise KeyError(f"no user {user} in {root}/etc/passwd")
 
 
+def route_between(hosts: list[NspawnHost]) -> None:
+    """Let these hosts reach each other (opt-in, e.g. an app host its database host).
+
+    Each routes 10.231.0.0/16 through its gateway, and the test machine
+    forwards what arrives on their veths. Nothing global changes: IPv4
+    forwards a packet when the interface it came in on allows it, and that
+    setting goes away with the veth when the host stops.
+    """
+    for host in hosts:
+        pathlib.Path(f"/proc/sys/net/ipv4/conf/{host.veth}/forwarding").write_text("1\n")
+        run_argv("ip", "-n", host.machine, "route", "replace", "10.231.0.0/16", "via", host.gateway)
+
+
 @contextlib.contextmanager
 def nspawn_hosts(n: int, workdir: pathlib.Path) -> Iterator[list[NspawnHost]]:
     """Start n hosts in parallel; always stop all of them."""

@@ -8,8 +8,8 @@ ROOMS = [  # top to bottom, as docs/architecture.md lists them
     {"fleet", "hostinfo"},
     {"phases"},
     {"remote", "session"},
-    {"plan", "render", "servers", "provisioning", "wheelhouse", "ops", "scaffold"},
-    {"settings", "project", "build", "buildenv", "memo"},
+    {"plan", "render", "servers", "provisioning", "wheelhouse", "ops", "scaffold", "database"},
+    {"settings", "project", "build", "buildenv", "appenv", "memo"},
     {"model", "catalog", "layout", "secret", "errors", "onhost"},
 ]
 APART = {"agent", "helper", "hostlib"}  # run on servers: nothing of fabdeploy but hostlib

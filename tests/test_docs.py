@@ -16,14 +16,14 @@ def section(title: str) -> str:
 
 def test_the_readmes_phases_are_the_codes_in_its_order():
     listed = re.findall(r"(?:^\d+\. |\band \d+\. )\*\*(\w+)\*\*", section("What a deploy does"), re.M)
-    declared = [s.name for s in ph.PREPARE + ph.INSTALL + ph.GO_LIVE + ph.FINISH if s.printed]
+    declared = [s.name for s in ph.PREPARE + ph.INSTALL + ph.MIGRATE + ph.START + ph.GO_LIVE + ph.FINISH if s.printed]
     assert listed == list(dict.fromkeys(declared))
 
 
 def keys(tree: dict, prefix: str = "") -> set[str]:
     found = set()
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # a section; an empty mapping (env, secrets) is a setting
             found |= keys(value, f"{prefix}{key}.")
         else:
             found.add(prefix + key)

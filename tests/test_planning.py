@@ -115,6 +115,29 @@ BAD_VALUES = [
     ("provision.packages", {"provision": {"packages": ["nginx && id"]}}),
     ("proxy.site_path", {"proxy": {"site_path": "/etc/nginx/$(id).conf"}}),
     ("proxy.pid_file", {"proxy": {"pid_file": "relative.pid"}}),
+    # issue 14: the app's environment, its secrets' sources, migrations, one database for a fleet
+    ("env.PORT", {"env": {"PORT": "8000"}}),
+    ("env.bad name", {"env": {"bad name": "x"}}),
+    ("env.FABDEPLOY_X", {"env": {"FABDEPLOY_X": "x"}}),
+    ("env.DEBUG", {"env": {"DEBUG": True}}),
+    ("env.LIST", {"env": {"LIST": [1, 2]}}),
+    ("env", {"env": ["A=1"]}),
+    ("secrets.TOKEN", {"secrets": {"TOKEN": "the-value-itself"}}),
+    ("secrets.TOKEN", {"secrets": {"TOKEN": {"env": "A", "file": "b"}}}),
+    ("secrets.TOKEN", {"secrets": {"TOKEN": {"vault": "x"}}}),
+    ("secrets.TOKEN.env", {"secrets": {"TOKEN": {"env": "A B"}}}),
+    ("secrets.TOKEN.command", {"secrets": {"TOKEN": {"command": "pass show\nid"}}}),
+    ("secrets.TOKEN.file", {"secrets": {"TOKEN": {"file": ""}}}),
+    ("secrets.A", {"env": {"A": "1"}, "secrets": {"A": {"env": "B"}}}),
+    ("migrate_command", {"migrate_command": "db upgrade\nid"}),
+    ("database", {"database": "remote"}),
+    ("database", {"database": "local", "hosts": [{"host": "deploy@web1", "primary": True}]}),
+    ("provision.database_clients", {"provision": {"database_clients": ["10.0.0.0/33"]}}),
+    ("provision.database_clients", {"provision": {"database_clients": ["all; host all all 0/0 trust"]}}),
+    ("hosts[deploy@web1].role", {"hosts": [{"host": "deploy@web1", "role": "cache"}]}),
+    ("hosts[db1].primary", {"hosts": [{"host": "db1", "role": "database", "primary": True}]}),
+    ("hosts[deploy@web2].primary", {"hosts": [{"host": "deploy@web1", "primary": True},
+                                              {"host": "deploy@web2", "primary": True}]}),
 ]
 
 
@@ -124,6 +147,7 @@ def test_a_bad_value_is_refused_at_load_naming_its_key(key, given):
         settings(**given)
     assert err.value.line().startswith(f"setting 'fabdeploy.{key}"), err.value.line()
     assert "\n" not in str(err.value)
+    assert "the-value-itself" not in str(err.value)  # a secret written into fabric.yaml is not echoed
 
 
 @pytest.mark.parametrize("given, read", [
@@ -135,6 +159,19 @@ def test_a_bad_value_is_refused_at_load_naming_its_key(key, given):
     ({"health_path": "/healthz?full=1"}, lambda s: s.health_path == "/healthz?full=1"),
     ({"init_command": "db upgrade --directory 'my migrations'"},
      lambda s: s.init_command == ("db", "upgrade", "--directory", "my migrations")),
+    # issue 14
+    ({"env": {"WORKERS": 3, "RATIO": 0.5, "NOTE": "it's $HOME\n# not a comment"}},
+     lambda s: s.env == {"WORKERS": "3", "RATIO": "0.5", "NOTE": "it's $HOME\n# not a comment"}),
+    ({"secrets": {"A": {"env": "PROD_A"}, "B": {"file": "secrets/b"}, "C": {"command": "pass show c"}}},
+     lambda s: [(n, v.kind, v.value) for n, v in s.secrets.items()]
+     == [("A", "env", "PROD_A"), ("B", "file", "secrets/b"), ("C", "command", "pass show c")]),
+    ({"migrate_command": "db upgrade"}, lambda s: s.migrate_command == ("db", "upgrade") and not s.shared_database),
+    ({"database": "shared"}, lambda s: s.shared_database),
+    ({"hosts": ["deploy@web1", {"host": "deploy@web2", "primary": True}, {"host": "db1", "role": "database"}]},
+     lambda s: s.shared_database and s.for_host("deploy", "web2", None).primary
+     and s.for_host("root", "db1", None).role == "database" and s.for_host("deploy", "web1", None).role == "app"),
+    ({"provision": {"database_clients": ["10.1.2.3/16", "samenet", "fd00::/8"]}},
+     lambda s: s.provision.database_clients == ("10.1.0.0/16", "samenet", "fd00::/8")),
 ])
 def test_good_values_are_kept(given, read):
     assert read(settings(**given))
