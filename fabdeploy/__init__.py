@@ -7,8 +7,11 @@ __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it fr
 
 from invoke import Collection
 
-from .tasks import deploy, logs, provision, releases, rollback, rotate_secret, status, unlock
+from .tasks import (deploy, flask_command, logs, provision, releases, rollback, rotate_secret, run_command, shell,
+                    status, unlock)
 
-ns = Collection(deploy, rollback, releases, status, logs, unlock, rotate_secret, provision)
+ns = Collection(deploy, rollback, releases, status, logs, unlock, rotate_secret, provision,
+                flask_command, shell, run_command)
 
-__all__ = ["ns", "deploy", "rollback", "releases", "status", "logs", "unlock", "rotate_secret", "provision"]
+__all__ = ["ns", "deploy", "rollback", "releases", "status", "logs", "unlock", "rotate_secret", "provision",
+           "flask_command", "shell", "run_command"]

@@ -19,7 +19,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import plan, provisioning, render, secret, servers, wheelhouse
+from . import hooks, plan, processes, provisioning, render, secret, servers, wheelhouse
 from .build import Wheel
 from .errors import DeployError, tail
 from .layout import Layout, SystemPaths, previous_release, releases_to_remove
@@ -27,6 +27,7 @@ from .model import Bind, HostFacts, Problem, Release, ReleaseState
 from .ops import Health, Helper, Link, Op, Phase, Site, Upload, Write
 from .remote import Host
 from .settings import Settings
+from .vcs import Source
 
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
@@ -55,6 +56,8 @@ class Target:
     checked: bool = False      # route checked the release through nginx's preview
     force: bool = False        # deploy even the wheel that is current
     repaired: str = ""         # what the deploy found half switched and put right
+    source: Source | None = None  # the git commit the wheel was built from (issue 15)
+    peers: tuple = ()          # every host of the invocation, for the hooks' FABDEPLOY_HOSTS
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -319,13 +322,14 @@ def choose_bind(t: Target, release: str) -> Bind:
 def configure(t: Target) -> list[Op]:
     """The release's server files, and its RELEASE.json, aside until the switch."""
     t.bind = choose_bind(t, t.release)
-    return [*server_files(t, t.release, t.bind), plan.write_meta(t.layout, t.release, release_meta(t))]
+    return [*server_files(t, t.release, t.bind), *processes.files(t.settings, t.layout, t.release),
+            plan.write_meta(t.layout, t.release, release_meta(t))]
 
 
 def configure_rollback(t: Target) -> list[Op]:
     """The old release's server files again: over TCP it may get the other port."""
     t.bind = choose_bind(t, t.release)
-    return server_files(t, t.release, t.bind)
+    return [*server_files(t, t.release, t.bind), *processes.files(t.settings, t.layout, t.release)]
 
 
 def server_files(t: Target, release: str, bind: Bind) -> list[Op]:
@@ -343,8 +347,13 @@ def server_files(t: Target, release: str, bind: Bind) -> list[Op]:
 
 
 def release_meta(t: Target) -> dict:
-    return {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
+    meta = {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
             "sha256": t.wheel.sha256, "deployed_at": now(), "deployed_by": who()}
+    if t.source is not None:  # which commit, and whether the tree had changes (issue 15)
+        meta.update(t.source.meta())
+        if t.settings.version_from == "git":
+            meta["version"] = t.source.describe or t.source.label
+    return meta
 
 
 def start(t: Target) -> list[Op]:
@@ -352,7 +361,8 @@ def start(t: Target) -> list[Op]:
     t.started = True
     check = plan.health(t.settings, t.layout, t.release, t.bind, t.manager)
     return [plan.start_server(t.settings, t.layout, t.release, t.manager),
-            dataclasses.replace(check, what=f"release {t.release} is unhealthy")]
+            dataclasses.replace(check, what=f"release {t.release} is unhealthy"),
+            *processes.check(t.settings, t.layout, t.release, t.manager)]
 
 
 # -- switching ----------------------------------------------------------------------------
@@ -496,10 +506,18 @@ def switched(t: Target, results: dict) -> None:
 
 
 def cleanup(t: Target) -> list[Op]:
-    """Remove releases beyond keep_releases, and release the lock: the deploy is done."""
+    """Remove releases beyond keep_releases (the unlock step after it ends the deploy)."""
     doomed = releases_to_remove(list(t.releases), t.current, t.settings.keep_releases)
-    steps = plan.remove_releases(t.settings, t.layout, doomed, t.manager) if doomed else []
-    return [*steps, plan.unlock(t.layout)]
+    return plan.remove_releases(t.settings, t.layout, doomed, t.manager) if doomed else []
+
+
+def unlock(t: Target) -> list[Op]:
+    return [plan.unlock(t.layout)]
+
+
+def unlocks_now(t: Target) -> bool:
+    """The lock goes with cleanup's request, unless a local after_deploy hook must run under it."""
+    return not hooks.local_at(t.settings, "after_deploy")
 
 
 def unlocked(t: Target, results: dict) -> None:
@@ -513,12 +531,14 @@ def audit_op(t: Target, event: str, **details):
 def audit_entry(t: Target, event: str, **details) -> dict:
     """Who did what, when, to which release and wheel: one line of the audit log."""
     entry = {"event": event, "who": who(), "when": now(), "release": t.release or None, **details}
+    meta = t.facts.release(t.release) if t.facts and t.wheel is None else None
     if t.wheel is not None:
         entry["sha256"] = t.wheel.sha256
     else:
-        meta = t.facts.release(t.release) if t.facts else None
         entry["sha256"] = meta.meta.get("sha256") if meta else None
-    return entry
+    # Which commit (issue 15): the one built now, or the one the release recorded.
+    source = t.source.meta() if t.source else {k: meta.meta[k] for k in ("commit", "dirty") if meta and k in meta.meta}
+    return {**entry, **source}
 
 
 def abandon(t: Target, reason: str) -> list[Op]:
@@ -632,6 +652,29 @@ def app_error(log: str, lines: int = 20) -> str:
     return "\n".join(text[:lines])
 
 
+# -- hooks on the hosts, and the timers' warning (issue 15) -----------------------------------------
+
+def hooked(t: Target, point: str) -> bool:
+    return hooks.remote_at(t.settings, point)
+
+
+def hook_variables(t: Target, point: str, **extra: str) -> dict:
+    """What a hook on this host gets: the deploy's variables, and FABDEPLOY_HOST."""
+    previous = t.old if t.switched else t.current
+    return hooks.variables(point, t.release, t.peers or (t.host.name,), previous, t.settings.stage,
+                           host=t.host.name, **extra)
+
+
+def remote_hooks(t: Target, point: str, **extra: str) -> list[Op]:
+    """A point's remote hooks: in the release's environment (`failed`: current's, if any)."""
+    release = t.current if point == "failed" else t.release
+    return hooks.remote_ops(t.settings, t.layout, release, point, hook_variables(t, point, **extra))
+
+
+def timer_warning(t: Target) -> str | None:
+    return processes.timer_warning(t.settings, t.manager)
+
+
 # -- the sequences --------------------------------------------------------------------------------
 
 def always(t: Target) -> bool:
@@ -695,13 +738,18 @@ INSTALL = (
     Step("init", initialise),
     Step("configure", configure),
     Step("start", start),
+    Step("before_switch", lambda t: remote_hooks(t, "before_switch"), when=lambda t: hooked(t, "before_switch")),
 )
 GO_LIVE = (
     Step("route", route),
     Step("verify", verify, when=needs_verify),
     Step("switch", switch, done=switched),
 )
-FINISH = (Step("cleanup", cleanup, done=unlocked),)
+FINISH = (
+    Step("cleanup", cleanup),
+    Step("after_deploy", lambda t: remote_hooks(t, "after_deploy"), when=lambda t: hooked(t, "after_deploy")),
+    Step("unlock", unlock, when=unlocks_now, done=unlocked, printed=False),
+)
 
 
 
@@ -728,3 +776,7 @@ ROLLBACK_PREPARE = (CONNECT, LOCK,
                     Step("pick", pick_target, remote=False, printed=False),
                     Step("configure", configure_rollback), Step("start", start))
 UNLOCK = (Step("unlock", lambda t: [plan.unlock(t.layout)], done=unlocked, printed=False),)
+AFTER_SWITCH = (Step("after_switch", lambda t: remote_hooks(t, "after_switch"),
+                     when=lambda t: hooked(t, "after_switch")),)
+AFTER_ROLLBACK = (Step("after_rollback", lambda t: remote_hooks(t, "after_rollback"),
+                       when=lambda t: hooked(t, "after_rollback")),)
