@@ -115,6 +115,12 @@ BAD_VALUES = [
     ("provision.packages", {"provision": {"packages": ["nginx && id"]}}),
     ("proxy.site_path", {"proxy": {"site_path": "/etc/nginx/$(id).conf"}}),
     ("proxy.pid_file", {"proxy": {"pid_file": "relative.pid"}}),
+    # issue 15 (more in tests/test_procs_planning.py)
+    ("hooks.after_deploy[0].local", {"hooks": {"after_deploy": {"local": "a\nb"}}}),
+    ("processes.worker", {"processes": {"worker": "celery worker; id"}}),
+    ("processes.W", {"processes": {"W": "celery worker"}}),
+    ("timers.t.on_calendar", {"timers": {"t": {"command": "x", "on_calendar": "daily\nExecStart=/bin/sh"}}}),
+    ("version_from", {"version_from": "svn"}),
 ]
 
 
