@@ -124,8 +124,8 @@ def status_text(info: dict) -> str:
     lock = info["lock"]
     lock_text = f"held by {lock['who']} ({lock['what']}, {lock['age']:.0f}s)" if lock else "free"
     return (f"{info['host']}\n"
-            f"  current  {info['current'] or '-'} (version {info['version'] or '-'}, commit {commit(info)},"
-            f" {info['age']})\n"
+            f"  current  {info['current'] or '-'} (version {info['version'] or '-'},"
+            f"{f' commit {commit(info)},' if info['commit'] else ''} {info['age']})\n"
             f"  service  {info['service']} ({info['manager']})\n"
             f"  health   {info['health']}\n"
             f"  lock     {lock_text}" +

@@ -506,18 +506,26 @@ def switched(t: Target, results: dict) -> None:
 
 
 def cleanup(t: Target) -> list[Op]:
-    """Remove releases beyond keep_releases (the unlock step after it ends the deploy)."""
+    """Remove releases beyond keep_releases, and release the lock: the deploy is done
+    (unless after_deploy hooks are still to run under it)."""
     doomed = releases_to_remove(list(t.releases), t.current, t.settings.keep_releases)
-    return plan.remove_releases(t.settings, t.layout, doomed, t.manager) if doomed else []
+    steps = plan.remove_releases(t.settings, t.layout, doomed, t.manager) if doomed else []
+    return [*steps, plan.unlock(t.layout)] if unlocks_with_cleanup(t) else steps
 
 
-def unlock(t: Target) -> list[Op]:
-    return [plan.unlock(t.layout)]
+def cleaned(t: Target, results: dict) -> None:
+    if unlocks_with_cleanup(t):
+        t.locked = False
 
 
-def unlocks_now(t: Target) -> bool:
-    """The lock goes with cleanup's request, unless a local after_deploy hook must run under it."""
-    return not hooks.local_at(t.settings, "after_deploy")
+def unlocks_with_cleanup(t: Target) -> bool:
+    return not hooks.at(t.settings, "after_deploy")
+
+
+def unlocks_after_hooks(t: Target) -> bool:
+    """Remote after_deploy hooks only: the lock goes right after them, in their request (a local
+    one runs after every host's, and the fleet releases the lock after it)."""
+    return hooked(t, "after_deploy") and not hooks.local_at(t.settings, "after_deploy")
 
 
 def unlocked(t: Target, results: dict) -> None:
@@ -746,9 +754,9 @@ GO_LIVE = (
     Step("switch", switch, done=switched),
 )
 FINISH = (
-    Step("cleanup", cleanup),
+    Step("cleanup", cleanup, done=cleaned),
     Step("after_deploy", lambda t: remote_hooks(t, "after_deploy"), when=lambda t: hooked(t, "after_deploy")),
-    Step("unlock", unlock, when=unlocks_now, done=unlocked, printed=False),
+    Step("unlock", lambda t: [plan.unlock(t.layout)], when=unlocks_after_hooks, done=unlocked, printed=False),
 )
 
 

@@ -43,7 +43,15 @@ def wait_for(check, timeout=20.0, step=0.1):
         time.sleep(step)
 
 
-def test_without_systemd_the_worker_goes_with_its_release(project, host):
+@pytest.fixture
+def workers_stopped(project, host):
+    """The workers' pid files are not where the project fixture looks: stop them by PID after."""
+    yield
+    host.run_as_user(f'for f in {project.deploy_to}/shared/run/procs/*/*.pid; do [ -f "$f" ] &&'
+                     ' kill "$(cat "$f")"; done; true', check=False)
+
+
+def test_without_systemd_the_worker_goes_with_its_release(project, host, workers_stopped):
     """Loopback: deploy, redeploy, rollback; after each switch only current's worker runs."""
     add_jobs(project)
     project.configure(processes=WORKER, timers={"stamp": {"command": "stamp", "on_calendar": "minutely"}})
@@ -52,6 +60,11 @@ def test_without_systemd_the_worker_goes_with_its_release(project, host):
     assert "timers need systemd: stamp will not run on this host" in first.stdout, first.stdout
     one = host.run_as_user(f"readlink {root}/current").stdout.strip().rsplit("/", 1)[-1]
     assert wait_for(lambda: workers_running(host) == [one]), workers_running(host)
+    assert project.fab("flask", "enqueue", "5").stdout.strip() == "enqueued 5"
+    done = f"{root}/shared/instance/queue.sqlite"
+    count = ("python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("
+             "\"SELECT count(*), group_concat(DISTINCT release) FROM done\").fetchone())' " + str(done))
+    assert wait_for(lambda: host.run_as_user(count).stdout.strip() == f"(5, '{one}')"), host.run_as_user(count).stdout
     project.set_version("1.0.1")
     project.fab("deploy")
     two = host.run_as_user(f"readlink {root}/current").stdout.strip().rsplit("/", 1)[-1]
