@@ -45,21 +45,22 @@ def git(project_dir: Path, *args: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def source(project_dir: Path) -> Source | None:
-    """The commit the project is at and whether its files differ from it; None outside git."""
+def source(project_dir: Path, describe: bool = False) -> Source | None:
+    """The commit the project is at and whether its files differ from it; None outside git.
+    With `describe`, git describe's name for it too (version_from: git)."""
     head = git(project_dir, "rev-parse", "--verify", "-q", "HEAD")
     if not head:
         return None
     # Untracked files count: the wheel is built from every file of the project, not git's tree.
-    status = git(project_dir, "status", "--porcelain", "--untracked-files=all", "--", ".") or ""
+    status = git(project_dir, "status", "--porcelain", "--untracked-files=normal", "--", ".") or ""
     changed = tuple(line[3:] for line in status.splitlines() if line.strip())
-    describe = (git(project_dir, "describe", "--tags", "--always", "--dirty") or "").strip()
-    return Source(head.strip(), bool(changed), changed, describe)
+    named = (git(project_dir, "describe", "--tags", "--always", "--dirty") or "").strip() if describe else ""
+    return Source(head.strip(), bool(changed), changed, named)
 
 
 def required(project_dir: Path) -> Source:
     """version_from: git needs a commit to name the release after."""
-    found = source(project_dir)
+    found = source(project_dir, describe=True)
     if found is None:
         raise DeployError(f"version_from is git, but {project_dir} has no git commit", host="local",
                           hint="commit the project, or set version_from: wheel")
