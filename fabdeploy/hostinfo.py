@@ -5,7 +5,7 @@ import dataclasses
 import datetime as dt
 import json
 
-from . import plan, provisioning, render, secret
+from . import plan, processes, provisioning, render, secret
 from . import phases as ph
 from .errors import DeployError
 from .fleet import Printer, run_ops, run_steps
@@ -106,6 +106,7 @@ def status(t: Target) -> dict:
         # One request; an unhealthy answer is reported, not raised: status says what it finds.
         reply = t.host.execute([ops_phase("status", [
             plan.server_state(t.settings, t.layout, t.current, t.manager),
+            *processes.state(t.settings, t.layout, t.current, t.manager),
             dataclasses.replace(probe, key="health")])], interruptible=False)
         results = reply.results
         health = results.get("health") if reply.ok else reply.error.get("message")
@@ -117,6 +118,8 @@ def status(t: Target) -> dict:
             "manager": t.manager, "service": service or "none",
             "health": (health or "no answer") if t.current else "nothing deployed",
             "lock": lock.as_dict() if lock else None,
+            "processes": dict(line.split(" ", 1) for line in
+                              results.get("processes", {}).get("stdout", "").splitlines() if " " in line),
             "failed": [r.name for r in t.releases if r.state.value == "failed"]}
 
 
@@ -126,7 +129,8 @@ def status_text(info: dict) -> str:
     return (f"{info['host']}\n"
             f"  current  {info['current'] or '-'} (version {info['version'] or '-'},"
             f"{f' commit {commit(info)},' if info['commit'] else ''} {info['age']})\n"
-            f"  service  {info['service']} ({info['manager']})\n"
+            f"  service  {info['service']} ({info['manager']})\n" +
+            "".join(f"  {name:<8} {state} (process)\n" for name, state in info["processes"].items()) +
             f"  health   {info['health']}\n"
             f"  lock     {lock_text}" +
             (f"\n  failed   {', '.join(info['failed'])}" if info["failed"] else ""))

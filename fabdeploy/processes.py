@@ -23,7 +23,7 @@ from shlex import quote
 
 from . import plan
 from .layout import Layout
-from .ops import Mkdir, Op, Running, Write
+from .ops import Mkdir, Op, Query, Running, Write
 from .settings import Settings, Timer
 
 SETTLE = 2.0  # seconds a started process must keep running to count as started (a crash on import shows by then)
@@ -107,3 +107,18 @@ def timer_warning(settings: Settings, manager: str) -> str | None:
         return None
     names = ", ".join(t.name for t in settings.timers)
     return f"timers need systemd: {names} will not run on this host (provision a systemd host)"
+
+
+def state(settings: Settings, layout: Layout, release: str, manager: str) -> list[Op]:
+    """For status: `<name> <state>` per process of the release (systemd's word, or the pid file's)."""
+    if not settings.processes:
+        return []
+    lines = []
+    for name in settings.processes:
+        if manager == "systemd":
+            lines.append(f"echo {quote(name)} \"$(systemctl is-active {quote(unit(settings.app, name, release))})\"")
+        else:
+            pid = quote(layout.process_pid(release, name))
+            lines.append(f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo {quote(name)} active;'
+                         f" else echo {quote(name)} inactive; fi")
+    return [Query("; ".join(lines), key="processes", what="reading the processes' states")]

@@ -194,7 +194,7 @@ def test_version_from_git_names_the_release_after_its_commit(fleet, project, con
     """version_from: git on the provisioned hosts: the helper takes the longer name."""
     sha = commit(project, "1.3.0", "1.3.0")
     git(project, "tag", "v1.3.0")
-    config(version_from="git")
+    config(version_from="git", hooks={"after_rollback": {"remote": f"{DUMP} > {ROOT}/shared/after_rollback.env"}})
     project.fab("deploy")
     for host in fleet.hosts:
         release = current(host)
@@ -202,5 +202,10 @@ def test_version_from_git_names_the_release_after_its_commit(fleet, project, con
         assert host.run(f"systemctl is-active {APP}@{release}.service").stdout.strip() == "active"
         meta = json.loads(host.run(f"cat {ROOT}/releases/{release}/RELEASE.json").stdout)
         assert (meta["version"], meta["commit"], meta["dirty"]) == ("v1.3.0", sha, False)
+    named = current(fleet.hosts[0])
     project.fab("rollback")  # a git-named release and a time-named one, in order
-    assert not current(fleet.hosts[0]).endswith(sha[:7])
+    back = current(fleet.hosts[0])
+    assert back < named and not back.endswith(sha[:7])
+    seen = variables(fleet.hosts[0].run(f"cat {ROOT}/shared/after_rollback.env").stdout)
+    assert (seen["FABDEPLOY_HOOK"], seen["FABDEPLOY_RELEASE"], seen["FABDEPLOY_PREVIOUS"]) == (
+        "after_rollback", back, named)

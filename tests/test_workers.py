@@ -71,6 +71,7 @@ def test_without_systemd_the_worker_goes_with_its_release(project, host, workers
     assert two != one
     assert wait_for(lambda: workers_running(host) == [two]), workers_running(host)
     assert pids_alive(host, root) == {two: True}
+    assert "  worker   active (process)" in project.fab("status").stdout.splitlines()
     project.fab("rollback")
     assert wait_for(lambda: workers_running(host) == [one]), workers_running(host)
     assert pids_alive(host, root) == {one: True}
@@ -137,6 +138,7 @@ def test_each_process_is_a_hardened_unit_of_its_release(server):
     for unit in (f"{APP}.worker@.service", f"{APP}.stamp.service", f"{APP}.stamp.timer"):
         assert host.run(f"stat -c %U:%a /etc/systemd/system/{unit}").stdout == "root:644\n"
     assert props(host, f"{APP}.stamp.timer", "ActiveState")["ActiveState"] == "active"
+    assert "  worker   active (process)" in project.fab("status").stdout.splitlines()
 
 
 @pytest.mark.nspawn
