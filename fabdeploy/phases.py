@@ -545,7 +545,8 @@ def audit_entry(t: Target, event: str, **details) -> dict:
     else:
         entry["sha256"] = meta.meta.get("sha256") if meta else None
     # Which commit (issue 15): the one built now, or the one the release recorded.
-    source = t.source.meta() if t.source else {k: meta.meta[k] for k in ("commit", "dirty") if meta and k in meta.meta}
+    recorded = meta.meta if meta else {}
+    source = t.source.meta() if t.source else {k: recorded[k] for k in ("commit", "dirty") if k in recorded}
     return {**entry, **source}
 
 

@@ -113,7 +113,8 @@ def pick(targets: list[ph.Target], only: str | None) -> list[ph.Target]:
     """The targets, or the one `only` names: user@host[:port], or the host alone (--host)."""
     if not only:
         return targets
-    chosen = [t for t in targets if only in (t.host.name, t.host.conn.host, f"{t.host.conn.user}@{t.host.conn.host}")]
+    chosen = [t for t in targets
+              if only in (t.host.name, t.host.conn.host, f"{t.host.conn.user}@{t.host.conn.host}")]
     if not chosen:
         raise DeployError(f"--host {only} is not one of the hosts ({', '.join(t.host.name for t in targets)})",
                           hint="give one of them, or -H it")

@@ -120,7 +120,8 @@ def test_a_local_hook_gets_the_variables_and_a_failure_is_one_line(tmp_path):
     with pytest.raises(DeployError) as err:
         hooks.run_local(s, "after_deploy", {"FABDEPLOY_RELEASE": R})
     assert (tmp_path / "out").read_text() == f"{R}\n"
-    assert err.value.line() == "local: after_deploy hook 'exit 4' failed (exit 4) (the release is live: nothing was undone)"
+    assert err.value.line() == ("local: after_deploy hook 'exit 4' failed (exit 4)"
+                                " (the release is live: nothing was undone)")
 
 
 # -- processes -------------------------------------------------------------------------------------

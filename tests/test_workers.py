@@ -6,7 +6,6 @@ the pidfile manager. The production host, a Debian 12 nspawn host set up by
 and takes the remote commands with provision's sudo rule only. The app is the
 example with a SQLite job queue and its worker (tests/procs_app.py).
 """
-import json
 import os
 import re
 import shlex
