@@ -7,11 +7,11 @@ __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it fr
 
 from invoke import Collection
 
-from .tasks import (config, db_backups, db_restore, deploy, logs, provision, releases, rollback, rotate_secret,
-                    status, unlock)
+from .tasks import (config, db_backups, db_restore, deploy, flask_command, logs, provision, releases, rollback,
+                    rotate_secret, run_command, shell, status, unlock)
 
 ns = Collection(deploy, rollback, releases, status, logs, unlock, rotate_secret, provision, config, db_backups,
-                db_restore)
+                db_restore, flask_command, shell, run_command)
 
 __all__ = ["ns", "deploy", "rollback", "releases", "status", "logs", "unlock", "rotate_secret", "provision",
-           "config", "db_backups", "db_restore"]
+           "config", "db_backups", "db_restore", "flask_command", "shell", "run_command"]

@@ -714,6 +714,48 @@ def op_health(args, ctx):
     raise Failed("unhealthy: %s" % last, 1, log=log, unhealthy=str(last))
 
 
+# -- a release's other processes ----------------------------------------------------------------
+
+def unit_state(name):
+    shown = subprocess.run(["systemctl", "show", "-p", "ActiveState,SubState,NRestarts,ActiveEnterTimestampMonotonic",
+                            name], stdin=subprocess.DEVNULL, capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+
+
+def process_age(check):
+    """Seconds a process has run; None if it does not run (exited, failed, restarting)."""
+    if check.get("unit"):
+        state = unit_state(check["unit"])
+        if (state.get("ActiveState") != "active" or state.get("SubState") != "running"
+                or int(state.get("NRestarts") or 0) > 0):
+            return None
+        # systemd's monotonic clock is this process's: the same kernel's CLOCK_MONOTONIC.
+        return time.monotonic() - int(state.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
+    pid = read_pid(check["pid_file"])
+    fields = stat_fields(pid) if pid else None
+    if not fields or fields[0] == "Z":
+        return None
+    return time.time() - os.stat(check["pid_file"]).st_mtime  # written as the process started
+
+
+def op_running(args, ctx):
+    """Each process still runs `settle` seconds after it started; else fail with its log."""
+    settle = float(args["settle"])
+    while True:
+        youngest = settle
+        for check in args["checks"]:
+            age = process_age(check)
+            if age is None:
+                log = tail(check["log"], 40, check.get("marker")) if check.get("log") else ""
+                raise Failed("%s is not running" % check["name"], 1, stdout=log, process=check["name"])
+            youngest = min(youngest, age)
+        if youngest >= settle:
+            return "ok"
+        if ctx.interruptible and ctx.inbox.poll() and ctx.inbox.cancelled:
+            raise Stopped("cancelled")
+        time.sleep(min(settle - youngest, 0.2))
+
+
 # -- reloading nginx ----------------------------------------------------------------------------
 
 def op_reload(args, ctx):
@@ -743,7 +785,7 @@ def op_site(args, ctx):
 OPS = {"facts": op_facts, "lock": op_lock, "guard": op_guard, "unlock": op_unlock, "write": op_write, "upload": op_upload,
        "read": op_read, "install": op_install, "mkdir": op_mkdir, "link": op_link, "remove": op_remove, "tail": op_tail,
        "trash": op_trash, "audit": op_audit, "sh": op_sh, "helper": op_helper, "compile": op_compile,
-       "health": op_health, "reload": op_reload, "site": op_site}
+       "health": op_health, "reload": op_reload, "site": op_site, "running": op_running}
 
 
 # -- the app's data: backups, migrations, restores (issue 14) -------------------------------------

@@ -25,3 +25,7 @@ WORKERS: dict[str, tuple[str, list[str]]] = {
 PROXIES = ("nginx", "apache", "none")
 MANAGERS = ("systemd", "pidfile")
 INSTALLERS = ("auto", "uv", "pip")
+
+# Where a deploy or rollback runs the user's hooks (settings.hooks), in the order they come.
+HOOK_POINTS = ("before_build", "before_switch", "after_switch", "after_deploy", "after_rollback", "failed")
+VERSION_FROM = ("wheel", "git")

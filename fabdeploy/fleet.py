@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
+from . import hooks
 from . import phases as ph
 from .errors import DeployError
 from .ops import Phase
@@ -202,6 +203,8 @@ def prepare(t: Target, printer: Printer, steps=ph.PREPARE, through: bool = False
     run_steps(t, steps, printer)
     if t.repaired:
         printer.line(f"[{t.host.name}] repaired: {t.repaired}", always=True)
+    if ph.timer_warning(t):
+        printer.line(f"[{t.host.name}] {ph.timer_warning(t)}", always=True)
     if steps is ph.PREPARE and not t.unchanged:
         try:
             if through:
@@ -212,6 +215,16 @@ def prepare(t: Target, printer: Printer, steps=ph.PREPARE, through: bool = False
             say_notes(t, printer)
 
 
+def alone(targets: list[Target]) -> bool:
+    """One host, its own database, no local hook between preparing and switching: nobody to
+    wait for, so a deploy goes in one request."""
+    if len(targets) != 1:
+        return False
+    settings = targets[0].settings
+    return not settings.shared_database and not any(
+        hooks.local_at(settings, point) for point in ("before_switch", "after_switch"))
+
+
 def all_the_way(t: Target, printer: Printer) -> None:
     """One host: install, switch and clean up in one request, a round trip each saved.
 
@@ -220,7 +233,7 @@ def all_the_way(t: Target, printer: Printer) -> None:
     switch and what follows run to their end, as they would on their own.
     """
     try:
-        run_steps(t, ph.installing(t) + ph.GO_LIVE + ph.FINISH, printer)
+        run_steps(t, ph.installing(t) + ph.GO_LIVE + ph.AFTER_SWITCH + ph.FINISH, printer)
     except DeployError as exc:
         if exc.phase in {step.name for step in ph.GO_LIVE}:
             recover(t, printer)
@@ -285,8 +298,8 @@ def revert(t: Target, printer: Printer, why: str) -> None:
 def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int = 0) -> None:
     started = time.monotonic()
     live: list[Target] = []
-    # One host, its own database: nobody to wait for between preparing and switching.
-    solo = len(targets) == 1 and not targets[0].settings.shared_database
+    meet(targets)
+    solo = alone(targets)
     try:
         failures = runner.each(targets, lambda t: prepare(t, printer, through=solo))
         same = [t for t in targets if t.unchanged]
@@ -308,6 +321,12 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
             local = [f for f in failures.values() if f.host == "local"]
             raise local[0] if local else summary("deploy", failures, len(targets))
         live = [t for t in targets if not t.unchanged]
+        if live and hooks.local_at(live[0].settings, "before_switch"):
+            try:
+                local_hooks("before_switch", live, printer)
+            except DeployError:
+                runner.each(live, lambda t: abandon(t, "the before_switch hook failed"))
+                raise
         groups = [] if solo else batches(live, batch)
         for number, group in enumerate(groups):
             failures = runner.each(group, lambda t: go_live(t, printer))
@@ -320,11 +339,22 @@ def deploy(targets: list[Target], runner: Runner, printer: Printer, batch: int =
                     kept = ", ".join(t.host.name for g in groups[:number] for t in g)
                     printer.line(f"the batches before stay on the new release: {kept}", always=True)
                 raise summary("switch", failures, len(group))
-        if not solo:
-            runner.each(live, lambda t: run_steps(t, ph.FINISH, printer))
+        if live and not solo:
+            after(live, "after_switch", ph.AFTER_SWITCH, runner, printer)
+            failures = runner.each(live, lambda t: run_steps(t, ph.FINISH, printer))
+            hooked = {t: f for t, f in failures.items() if f.what.startswith("after_deploy hook")}
+            if hooked:  # (a failed cleanup is only left for the next deploy: the release is live)
+                raise summary("after_deploy", hooked, len(live))
+        if live:
+            local_hooks("after_deploy", live, printer)
     except KeyboardInterrupt:
         runner.each([t for t in targets if not t.switched], lambda t: abandon(t, "interrupted"))
-        raise DeployError("interrupted", hint="hosts that had not switched keep the old release") from None
+        error = DeployError("interrupted", hint="hosts that had not switched keep the old release")
+        failed_hooks(targets, runner, printer, error)
+        raise error from None
+    except DeployError as error:
+        failed_hooks(targets, runner, printer, error)
+        raise
     finally:
         runner.each(targets, ph.release_lock)
     hosts = ", ".join(t.host.name for t in live)
@@ -390,7 +420,9 @@ def remembered_rollback(t: Target, printer: Printer) -> bool:
 
 def rollback(targets: list[Target], runner: Runner, printer: Printer, restore=None) -> None:
     """Every host back to its previous release; with `restore` (which asks), the database too."""
-    solo = len(targets) == 1 and restore is None  # then in one request, from what was last seen
+    # One host, no restore, no after_rollback hook: in one request, from what was last seen.
+    solo = len(targets) == 1 and restore is None and not hooks.at(targets[0].settings, "after_rollback")
+    meet(targets)
     try:
         if solo and remembered_rollback(targets[0], printer):
             failures = {}
@@ -398,6 +430,7 @@ def rollback(targets: list[Target], runner: Runner, printer: Printer, restore=No
             failures = roll_back(targets, runner, printer, solo, restore)
         if failures:
             raise summary("rollback", failures, len(targets) if len(failures) > 1 else 1)
+        after(targets, "after_rollback", ph.AFTER_ROLLBACK, runner, printer)
         if not printer.json_out:
             printer.line(f"rolled back to {targets[0].release} on "
                          + ", ".join(t.host.name for t in targets), always=True)
@@ -406,7 +439,12 @@ def rollback(targets: list[Target], runner: Runner, printer: Printer, restore=No
         elif ph.schema_note(targets):
             printer.line(ph.schema_note(targets), always=True)
     except KeyboardInterrupt:
-        raise DeployError("interrupted", hint="hosts that had not switched keep their release") from None
+        error = DeployError("interrupted", hint="hosts that had not switched keep their release")
+        failed_hooks(targets, runner, printer, error)
+        raise error from None
+    except DeployError as error:
+        failed_hooks(targets, runner, printer, error)
+        raise
     finally:
         runner.each([t for t in targets if t.started and not t.switched],
                     lambda t: run_ops(t, "stop", ph.stop_release(t, t.release), interruptible=False))
@@ -444,3 +482,58 @@ def restore_database(targets: list[Target], runner: Runner, printer: Printer) ->
         error = summary("restoring the database", failures, len(hosts))
         error.hint = f"rolled back to {targets[0].release}, which serves on the database as it is; see fab db-backups"
         raise error
+# -- hooks (issue 15): remote ones are steps of each host; local ones run here, once ---------
+
+def meet(targets: list[Target]) -> None:
+    """Each host knows every host of the invocation: the hooks' FABDEPLOY_HOSTS."""
+    names = tuple(t.host.name for t in targets)
+    for t in targets:
+        t.peers = names
+
+
+def local_hooks(point: str, targets: list[Target], printer: Printer, **extra: str) -> None:
+    """A point's local hooks, once for the whole fleet, with a line of their own."""
+    first = targets[0]
+    if not hooks.local_at(first.settings, point):
+        return
+    previous = sorted({t.old if t.switched else t.current for t in targets} - {None})
+    env = hooks.variables(point, first.release, first.peers, previous, first.settings.stage, **extra)
+    seconds = hooks.run_local(first.settings, point, env, dry_run=first.host.dry_run,
+                              quiet_stdout=printer.json_out, say=lambda text: printer.line(text, always=True))
+    printer.line(f"[local] {point:<16} {seconds:6.2f}s")
+
+
+def after(targets: list[Target], point: str, steps, runner: Runner, printer: Printer) -> None:
+    """after_switch, after_rollback: on every host, then here; a failure fails the deploy."""
+    failures = runner.each(targets, lambda t: run_steps(t, steps, printer))
+    if failures:
+        raise summary(point, failures, len(targets))
+    local_hooks(point, targets, printer)
+
+
+def before_build(targets: list[Target], printer: Printer) -> None:
+    """The local before_build hooks, before the wheel is built; `failed` hooks if one fails."""
+    meet(targets)
+    try:
+        local_hooks("before_build", targets, printer)
+    except DeployError as error:
+        failed_hooks(targets, Runner(), printer, error)
+        raise
+
+
+def failed_hooks(targets: list[Target], runner: Runner, printer: Printer, error: DeployError) -> None:
+    """After a failure, the `failed` hooks: on each host still locked, then here, with
+    FABDEPLOY_ERROR. Their own failure is said, never raised over the first."""
+    if not targets or not hooks.at(targets[0].settings, "failed"):
+        return
+    line = error.line()
+    steps = (Step("failed", lambda t: ph.remote_hooks(t, "failed", error=line),
+                  when=lambda t: t.locked and ph.hooked(t, "failed")),)
+    quiet = Runner(runner.parallel)  # keeps the deploy's own errors (--json) as they are
+    problems = list(quiet.each(targets, lambda t: run_steps(t, steps, printer)).values())
+    try:
+        local_hooks("failed", targets, printer, error=line)
+    except DeployError as exc:
+        problems.append(exc)
+    for problem in problems:
+        printer.line(f"fabdeploy: {problem.line()}", always=True)

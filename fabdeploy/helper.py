@@ -6,9 +6,10 @@ takes its facts about the app (who deploys it, where, which ports) from
 the root-owned record provision wrote (/etc/fabdeploy/apps/<app>.json), never
 from its caller, and accepts only these verbs, each argument checked:
 
-  start|stop|retire|reset-failed RELEASE      a release's unit
-  enable RELEASE                              started at boot
+  start|stop|retire|reset-failed RELEASE      a release's unit (start and retire: its processes' too)
+  enable RELEASE                              started at boot (and its processes run)
   keep RELEASE [RELEASE]                      stop and disable every other release's unit
+                                              (and every other release's processes but the first's)
   reload                                      HUP the releases that run (rotate-secret)
   route-tcp PORT                              the site variant for PORT, tested and reloaded
   audit                                       append the JSON object on stdin to root's audit log
@@ -32,7 +33,8 @@ except ImportError:  # installed: hostlib's text comes first in this file (onhos
     pass
 
 APP = re.compile(r"^[a-z_][a-z0-9_-]{0,28}$")
-RELEASE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{3}$")
+# A time, then (version_from: git) the commit it was built from: 20261121-103700-123-abc1234-dirty.
+RELEASE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{3}(-[0-9a-f]{7}(-dirty)?)?$")
 REGISTRY = "/etc/fabdeploy/apps"
 MAX_AUDIT = 64 * 1024
 
@@ -103,9 +105,9 @@ def app_units(reg):
 
 
 def start(reg, args):
-    name = unit(reg, args[0])
-    systemctl("reset-failed", name, check=False)  # a unit that failed before may start again
-    systemctl("start", name)
+    for name in [unit(reg, args[0])] + process_units(reg, args[0]):
+        systemctl("reset-failed", name, check=False)  # a unit that failed before may start again
+        systemctl("start", name)
 
 
 def stop(reg, args):
@@ -113,10 +115,10 @@ def stop(reg, args):
 
 
 def retire(reg, args):
-    """Stop a release's unit without waiting, and leave nothing of it marked failed."""
-    name = unit(reg, args[0])
-    systemctl("disable", "--now", "--no-block", name, check=False)
-    systemctl("reset-failed", name, check=False)
+    """Stop a release's unit (and processes) without waiting, and leave nothing of it marked failed."""
+    for name in [unit(reg, args[0])] + process_units(reg, args[0]):
+        systemctl("disable", "--now", "--no-block", name, check=False)
+        systemctl("reset-failed", name, check=False)
 
 
 def reset_failed(reg, args):
@@ -124,7 +126,11 @@ def reset_failed(reg, args):
 
 
 def enable(reg, args):
+    """The release starts at boot; so do its processes, which run from now on (after a switch
+    back too, where the switch away had stopped them)."""
     systemctl("enable", "--quiet", unit(reg, args[0]))
+    for name in process_units(reg, args[0]):
+        systemctl("enable", "--now", "--quiet", name)
 
 
 def keep(reg, args):
@@ -132,10 +138,29 @@ def keep(reg, args):
     kept = set(unit(reg, name) for name in args[:2])
     enabled = out_lines(systemctl("list-unit-files", "--plain", "--no-legend", "--state=enabled",
                                   reg["app"] + "@*.service", check=False).stdout)
-    for name in set(n for n, _ in app_units(reg)) | set(enabled):
-        if name not in kept:
-            systemctl("disable", "--now", "--no-block", name, check=False)
-            systemctl("reset-failed", name, check=False)
+    doomed = (set(n for n, _ in app_units(reg)) | set(enabled)) - kept
+    # Processes: only the first release's run, so that after a switch no old worker takes a job.
+    doomed |= set(other_processes(reg, release(args[0])))
+    for name in doomed:
+        systemctl("disable", "--now", "--no-block", name, check=False)
+        systemctl("reset-failed", name, check=False)
+
+
+def process_units(reg, name):
+    """A release's process units, one per process name in root's record (processes.py)."""
+    return ["%s.%s@%s.service" % (reg["app"], proc, release(name)) for proc in reg.get("processes") or []]
+
+
+def other_processes(reg, name):
+    """The process units of every release but this one that run, failed, or start at boot."""
+    patterns = ["%s.%s@*.service" % (reg["app"], proc) for proc in reg.get("processes") or []]
+    if not patterns:
+        return []
+    known = out_lines(systemctl("list-units", "--plain", "--no-legend", "--all", *patterns, check=False).stdout)
+    known += out_lines(systemctl("list-unit-files", "--plain", "--no-legend", "--state=enabled", *patterns,
+                                 check=False).stdout)
+    mine = set(process_units(reg, name))
+    return sorted(set(n for n in known if n.endswith(".service") and not n.endswith("@.service")) - mine)
 
 
 def out_lines(text):

@@ -5,7 +5,7 @@ import dataclasses
 import datetime as dt
 import json
 
-from . import database, plan, provisioning, render, secret
+from . import database, plan, processes, provisioning, render, secret
 from . import phases as ph
 from .errors import DeployError
 from .fleet import Printer, run_ops, run_steps
@@ -28,13 +28,20 @@ def read(t: Target) -> None:
 # -- releases and the lock ----------------------------------------------------------
 
 def release_table(t: Target) -> str:
-    rows = [("", "RELEASE", "STATE", "VERSION", "DEPLOYED AT", "BY")]
+    rows = [("", "RELEASE", "STATE", "VERSION", "COMMIT", "DEPLOYED AT", "BY")]
     for rel in t.releases:
         mark = "*" if rel.name == t.current else ""
-        rows.append((mark, rel.name, rel.state.value, rel.meta.get("version", "-"),
+        rows.append((mark, rel.name, rel.state.value, rel.meta.get("version", "-"), commit(rel.meta),
                      rel.meta.get("deployed_at", "-"), rel.meta.get("deployed_by", "-")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def commit(meta: dict) -> str:
+    """abc1234, abc1234-dirty (the tree had changes), or - (not built from git)."""
+    if not meta.get("commit"):
+        return "-"
+    return meta["commit"][:7] + ("-dirty" if meta.get("dirty") else "")
 
 
 def remove_lock(t: Target) -> str:
@@ -100,16 +107,20 @@ def status(t: Target) -> dict:
         # One request; an unhealthy answer is reported, not raised: status says what it finds.
         reply = t.host.execute([ops_phase("status", [
             plan.server_state(t.settings, t.layout, t.current, t.manager),
+            *processes.state(t.settings, t.layout, t.current, t.manager),
             dataclasses.replace(probe, key="health")])], interruptible=False)
         results = reply.results
         health = results.get("health") if reply.ok else reply.error.get("message")
     service = results.get("service", {}).get("stdout", "").strip() if t.current else "none"
     lock = t.facts.lock
     return {"host": t.host.name, "current": t.current, "version": meta.get("version"),
+            "commit": meta.get("commit"), "dirty": meta.get("dirty"),
             "deployed_at": meta.get("deployed_at"), "age": age(meta.get("deployed_at")),
             "manager": t.manager, "service": service or "none",
             "health": (health or "no answer") if t.current else "nothing deployed",
             "lock": lock.as_dict() if lock else None,
+            "processes": dict(line.split(" ", 1) for line in
+                              results.get("processes", {}).get("stdout", "").splitlines() if " " in line),
             "failed": [r.name for r in t.releases if r.state.value == "failed"]}
 
 
@@ -117,8 +128,10 @@ def status_text(info: dict) -> str:
     lock = info["lock"]
     lock_text = f"held by {lock['who']} ({lock['what']}, {lock['age']:.0f}s)" if lock else "free"
     return (f"{info['host']}\n"
-            f"  current  {info['current'] or '-'} (version {info['version'] or '-'}, {info['age']})\n"
-            f"  service  {info['service']} ({info['manager']})\n"
+            f"  current  {info['current'] or '-'} (version {info['version'] or '-'},"
+            f"{f' commit {commit(info)},' if info['commit'] else ''} {info['age']})\n"
+            f"  service  {info['service']} ({info['manager']})\n" +
+            "".join(f"  {name:<8} {state} (process)\n" for name, state in info["processes"].items()) +
             f"  health   {info['health']}\n"
             f"  lock     {lock_text}" +
             (f"\n  failed   {', '.join(info['failed'])}" if info["failed"] else ""))

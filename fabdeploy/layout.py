@@ -168,6 +168,22 @@ class Layout:
         """Where Flask looks for an installed app's instance folder."""
         return self._join("releases", name, "venv", "var", f"{import_name}-instance")
 
+    # A release's other processes and timers (processes.py).
+
+    def script(self, release: str, name: str) -> str:
+        """The script of one of a release's processes or timers, run in its environment."""
+        return self._join("releases", release, "bin", name)
+
+    def process_log(self, name: str) -> str:
+        return self._join("shared", "log", f"{name}.log")
+
+    def process_pids(self, release: str) -> str:
+        """Without systemd: the pid files of a release's processes."""
+        return self._join("shared", "run", "procs", release)
+
+    def process_pid(self, release: str, name: str) -> str:
+        return self._join("shared", "run", "procs", release, f"{name}.pid")
+
 
 def previous_release(releases: list[Release], current: str | None) -> Release | None:
     """The newest good release older than current: the rollback target."""

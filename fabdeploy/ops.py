@@ -301,6 +301,22 @@ class Health(Op):
 
 
 @dataclass(frozen=True)
+class Running(Op):
+    """A release's processes: each still runs `settle` seconds after it started (processes.py)."""
+
+    checks: tuple                    # {"name", "unit" or "pid_file", "log", "marker"} per process
+    settle: float
+    kind = "running"
+
+    def fields(self) -> dict:
+        return {"checks": list(self.checks), "settle": self.settle}
+
+    def describe(self) -> list[str]:
+        names = ", ".join(c["name"] for c in self.checks)
+        return [f"would check that {names} still run {self.settle:g}s after starting"]
+
+
+@dataclass(frozen=True)
 class Reload(Op):
     """A proxy the deploy user runs: its reload, then (nginx) the wait for its old workers."""
 

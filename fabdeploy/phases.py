@@ -19,7 +19,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import appenv, database, memo, plan, provisioning, render, secret, servers, wheelhouse
+from . import appenv, database, hooks, memo, plan, processes, provisioning, render, secret, servers, wheelhouse
 from .build import Wheel
 from .errors import DeployError, tail
 from .layout import Layout, SystemPaths, previous_release, release_name, releases_to_remove
@@ -27,6 +27,7 @@ from .model import Bind, HostFacts, Problem, Release, ReleaseState
 from .ops import Health, Helper, Link, Migrate, Op, Phase, Site, Upload, Write
 from .remote import Host
 from .settings import Settings
+from .vcs import Source
 
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
@@ -56,6 +57,8 @@ class Target:
     force: bool = False        # deploy even the wheel that is current
     raw_facts: dict = field(default_factory=dict, repr=False)  # as the agent said them: for memo
     repaired: str = ""         # what the deploy found half switched and put right
+    source: Source | None = None  # the git commit the wheel was built from (issue 15)
+    peers: tuple = ()          # every host of the invocation, for the hooks' FABDEPLOY_HOSTS
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     # -- the app's environment and data (issue 14)
     app_env: appenv.AppEnv | None = field(default=None, repr=False)  # env and secrets' values
@@ -336,13 +339,14 @@ def choose_bind(t: Target, release: str) -> Bind:
 def configure(t: Target) -> list[Op]:
     """The release's server files, and its RELEASE.json, aside until the switch."""
     t.bind = choose_bind(t, t.release)
-    return [*server_files(t, t.release, t.bind), plan.write_meta(t.layout, t.release, release_meta(t))]
+    return [*server_files(t, t.release, t.bind), *processes.files(t.settings, t.layout, t.release),
+            plan.write_meta(t.layout, t.release, release_meta(t))]
 
 
 def configure_rollback(t: Target) -> list[Op]:
     """The old release's server files again: over TCP it may get the other port."""
     t.bind = choose_bind(t, t.release)
-    return server_files(t, t.release, t.bind)
+    return [*server_files(t, t.release, t.bind), *processes.files(t.settings, t.layout, t.release)]
 
 
 def server_files(t: Target, release: str, bind: Bind) -> list[Op]:
@@ -360,8 +364,13 @@ def server_files(t: Target, release: str, bind: Bind) -> list[Op]:
 
 
 def release_meta(t: Target) -> dict:
-    return {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
+    meta = {"release": t.release, "version": t.wheel.version, "wheel": t.wheel.filename,
             "sha256": t.wheel.sha256, "deployed_at": now(), "deployed_by": who()}
+    if t.source is not None:  # which commit, and whether the tree had changes (issue 15)
+        meta.update(t.source.meta())
+        if t.settings.version_from == "git":
+            meta["version"] = t.source.describe or t.source.label
+    return meta
 
 
 def start(t: Target) -> list[Op]:
@@ -369,7 +378,8 @@ def start(t: Target) -> list[Op]:
     t.started = True
     check = plan.health(t.settings, t.layout, t.release, t.bind, t.manager)
     return [plan.start_server(t.settings, t.layout, t.release, t.manager),
-            dataclasses.replace(check, what=f"release {t.release} is unhealthy")]
+            dataclasses.replace(check, what=f"release {t.release} is unhealthy"),
+            *processes.check(t.settings, t.layout, t.release, t.manager)]
 
 
 # -- switching ----------------------------------------------------------------------------
@@ -510,7 +520,8 @@ def switched(t: Target, results: dict) -> None:
 
 
 def cleanup(t: Target) -> list[Op]:
-    """Remove releases beyond keep_releases, and release the lock: the deploy is done.
+    """Remove releases beyond keep_releases, and release the lock: the deploy is done
+    (unless after_deploy hooks are still to run under it).
 
     Planned as the host is once the switch before it has run (it may go in
     the same request): the new release current, and good.
@@ -519,7 +530,22 @@ def cleanup(t: Target) -> list[Op]:
     releases.append(Release(t.release, ReleaseState.READY, {}, t.bind))
     doomed = releases_to_remove(releases, t.release, t.settings.keep_releases)
     steps = plan.remove_releases(t.settings, t.layout, doomed, t.manager) if doomed else []
-    return [*steps, *unlock(t)]
+    return [*steps, *unlock(t)] if unlocks_with_cleanup(t) else steps
+
+
+def cleaned(t: Target, results: dict) -> None:
+    if unlocks_with_cleanup(t):
+        unlocked(t, results)
+
+
+def unlocks_with_cleanup(t: Target) -> bool:
+    return not hooks.at(t.settings, "after_deploy")
+
+
+def unlocks_after_hooks(t: Target) -> bool:
+    """Remote after_deploy hooks only: the lock goes right after them, in their request (a local
+    one runs after every host's, and the fleet releases the lock after it)."""
+    return hooked(t, "after_deploy") and not hooks.local_at(t.settings, "after_deploy")
 
 
 def unlock(t: Target) -> list[Op]:
@@ -557,12 +583,15 @@ def audit_op(t: Target, event: str, **details):
 def audit_entry(t: Target, event: str, **details) -> dict:
     """Who did what, when, to which release and wheel: one line of the audit log."""
     entry = {"event": event, "who": who(), "when": now(), "release": t.release or None, **details}
+    meta = t.facts.release(t.release) if t.facts and t.wheel is None else None
     if t.wheel is not None:
         entry["sha256"] = t.wheel.sha256
     else:
-        meta = t.facts.release(t.release) if t.facts else None
         entry["sha256"] = meta.meta.get("sha256") if meta else None
-    return entry
+    # Which commit (issue 15): the one built now, or the one the release recorded.
+    recorded = meta.meta if meta else {}
+    source = t.source.meta() if t.source else {k: recorded[k] for k in ("commit", "dirty") if k in recorded}
+    return {**entry, **source}
 
 
 def abandon(t: Target, reason: str) -> list[Op]:
@@ -813,6 +842,27 @@ def schema_note(targets: list[Target]) -> str | None:
     return (f"the database keeps the schema release {old}'s migration made: fab db-restore --backup {old}"
             f" puts back the one from before it (on {', '.join(t.host.name for t in moved)};"
             f" what was written since is lost)")
+# -- hooks on the hosts, and the timers' warning (issue 15) -----------------------------------------
+
+def hooked(t: Target, point: str) -> bool:
+    return hooks.remote_at(t.settings, point)
+
+
+def hook_variables(t: Target, point: str, **extra: str) -> dict:
+    """What a hook on this host gets: the deploy's variables, and FABDEPLOY_HOST."""
+    previous = t.old if t.switched else t.current
+    return hooks.variables(point, t.release, t.peers or (t.host.name,), previous, t.settings.stage,
+                           host=t.host.name, **extra)
+
+
+def remote_hooks(t: Target, point: str, **extra: str) -> list[Op]:
+    """A point's remote hooks: in the release's environment (`failed`: current's, if any)."""
+    release = t.current if point == "failed" else t.release
+    return hooks.remote_ops(t.settings, t.layout, release, point, hook_variables(t, point, **extra))
+
+
+def timer_warning(t: Target) -> str | None:
+    return processes.timer_warning(t.settings, t.manager)
 
 
 # -- the sequences --------------------------------------------------------------------------------
@@ -886,6 +936,7 @@ MIGRATE = (
 START = (
     Step("configure", configure),
     Step("start", start),
+    Step("before_switch", lambda t: remote_hooks(t, "before_switch"), when=lambda t: hooked(t, "before_switch")),
 )
 # From here on a host is never left half switched: these run to their end.
 GO_LIVE = (
@@ -893,7 +944,11 @@ GO_LIVE = (
     Step("verify", verify, when=needs_verify, steady=True),
     Step("switch", switch, done=switched, steady=True),
 )
-FINISH = (Step("cleanup", cleanup, done=unlocked, steady=True),)
+FINISH = (
+    Step("cleanup", cleanup, done=cleaned, steady=True),
+    Step("after_deploy", lambda t: remote_hooks(t, "after_deploy"), when=lambda t: hooked(t, "after_deploy")),
+    Step("unlock", unlock, when=unlocks_after_hooks, done=unlocked, printed=False, steady=True),
+)
 
 
 
@@ -922,3 +977,7 @@ ROLLBACK_START = (Step("configure", configure_rollback), Step("start", start))
 UNLOCK = (Step("unlock", unlock, done=unlocked, printed=False, steady=True),)
 GUARD = Step("guard", guard, printed=False)
 RESTORE = (Step("restore", restore_db, done=restored),)
+AFTER_SWITCH = (Step("after_switch", lambda t: remote_hooks(t, "after_switch"),
+                     when=lambda t: hooked(t, "after_switch")),)
+AFTER_ROLLBACK = (Step("after_rollback", lambda t: remote_hooks(t, "after_rollback"),
+                       when=lambda t: hooked(t, "after_rollback")),)

@@ -132,14 +132,80 @@ def link_instance(settings: Settings, layout: Layout, release: str) -> str:
 def in_release(layout: Layout, release: str, command: str) -> str:
     """Run a command from the release directory, with the environment the release runs with
     (its env file: appenv.loader), never with $PORT set."""
-    return (f"cd {quote(layout.release(release))} && {appenv.loader(layout.env_file(release))}"
-            f" && env -u PORT {command}")
+    return " && ".join([*release_shell(layout, release), command])
+
+
+def release_shell(layout: Layout, release: str) -> list[str]:
+    """The one place a release's environment is made, as shell commands: its directory, its env
+    file (env and secrets), never $PORT. The serve script loads the same file."""
+    return [f"cd {quote(layout.release(release))}", appenv.loader(layout.env_file(release)), "unset PORT"]
 
 
 def flask(settings: Settings, layout: Layout, release: str, words: tuple[str, ...]) -> str:
     venv_flask = quote(layout.venv(release) + "/bin/flask")
     return in_release(layout, release,
                       f"{venv_flask} --app {quote(settings.wsgi)} {' '.join(quote(w) for w in words)}")
+
+
+# -- the release's environment: every command of a release runs in it (issue 15) ----------
+
+def environment(settings: Settings, layout: Layout, release: str) -> list[str]:
+    """The release's environment (release_shell), its venv first on PATH and FLASK_APP.
+    Processes, timers, hooks and fab flask/shell/run all start here."""
+    venv_bin = layout.venv(release) + "/bin"
+    return [*release_shell(layout, release),
+            f'export PATH={quote(venv_bin)}:"$PATH"', f"export FLASK_APP={quote(settings.wsgi)}"]
+
+
+def in_env(settings: Settings, layout: Layout, release: str, command: str) -> str:
+    """One shell command line: `command` in the release's environment."""
+    return " && ".join([*environment(settings, layout, release), command])
+
+
+def flask_words(settings: Settings, layout: Layout, release: str, words) -> str:
+    """exec flask --app <wsgi> WORDS, by the release venv's own flask."""
+    venv_flask = quote(layout.venv(release) + "/bin/flask")
+    return f"exec {venv_flask} --app {quote(settings.wsgi)} {' '.join(quote(w) for w in words)}".rstrip()
+
+
+def also(command: str) -> str:
+    """`command` after the one before it, whatever that one did."""
+    return f"; {command}" if command else ""
+
+
+# A release's processes without systemd (processes.py): they go with its server.
+
+def start_processes(settings: Settings, layout: Layout, release: str) -> str:
+    """Start each of the release's processes that does not run yet, detached, with its pid file."""
+    if not settings.processes:
+        return ""
+    parts = [f"mkdir -p {quote(layout.process_pids(release))}"]
+    for name in settings.processes:
+        pid = quote(layout.process_pid(release, name))
+        parts.append(f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then :;'
+                     f" else setsid {quote(layout.script(release, name))} </dev/null >/dev/null 2>&1 &"
+                     f" echo $! > {pid}; fi")
+    return "; ".join(parts)
+
+
+def stop_processes(settings: Settings, layout: Layout, release: str) -> str:
+    """Ask the release's processes to stop (SIGTERM: a worker finishes its job), and forget them."""
+    if not settings.processes:
+        return ""
+    folder = quote(layout.process_pids(release))
+    return (f'for f in {folder}/*.pid; do [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null; done;'
+            f" rm -rf {folder}")
+
+
+def other_processes(settings: Settings, layout: Layout, release: str) -> str:
+    """Ask every other release's processes to stop: after a switch only current's take jobs."""
+    if not settings.processes:
+        return ""
+    procs = quote(layout.run_dir + "/procs")
+    return (f'for d in {procs}/*/; do [ -d "$d" ] || continue; n=${{d%/}}; n=${{n##*/}};'
+            f' [ "$n" = {quote(release)} ] && continue;'
+            f' for f in "$d"*.pid; do [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null; done;'
+            f' rm -rf "$d"; done')
 
 
 def init_app(settings: Settings, layout: Layout, release: str) -> Sh:
@@ -167,7 +233,7 @@ def start_server(settings: Settings, layout: Layout, release: str, manager: str)
     pid_file = quote(layout.pid_file(release))
     return Sh(f'if [ -f {pid_file} ] && kill -0 "$(cat {pid_file})" 2>/dev/null; then :;'
               f" else setsid {quote(layout.serve(release))} </dev/null >/dev/null 2>&1 &"
-              f" echo $! > {pid_file}; fi", what=what)
+              f" echo $! > {pid_file}; fi{also(start_processes(settings, layout, release))}", what=what)
 
 
 def stop_server(settings: Settings, layout: Layout, release: str, manager: str) -> Op:
@@ -176,8 +242,8 @@ def stop_server(settings: Settings, layout: Layout, release: str, manager: str) 
     if manager == "systemd":
         return Helper(settings.app, ("retire", release), what=what)
     pid_file = quote(layout.pid_file(release))
-    return Sh(f"if [ -f {pid_file} ]; then kill -TERM \"$(cat {pid_file})\" 2>/dev/null; fi; true",
-              what=what)
+    return Sh(f"if [ -f {pid_file} ]; then kill -TERM \"$(cat {pid_file})\" 2>/dev/null; fi"
+              f"{also(stop_processes(settings, layout, release))}; true", what=what)
 
 
 def stop_and_wait(settings: Settings, layout: Layout, release: str, manager: str) -> Op:
@@ -200,7 +266,8 @@ def stop_others(settings: Settings, layout: Layout, keep: list[str], manager: st
     keep_names = "|".join(quote(name) for name in keep)
     return Sh(f"for f in {quote(layout.run_dir)}/*.pid; do [ -f \"$f\" ] || continue;"
               f' n=${{f##*/}}; n=${{n%.pid}}; case "$n" in {keep_names}) ;;'
-              f' *) kill -TERM "$(cat "$f")" 2>/dev/null;; esac; done; true', what=what)
+              f' *) kill -TERM "$(cat "$f")" 2>/dev/null;; esac; done'
+              f"{also(other_processes(settings, layout, keep[0]))}; true", what=what)
 
 
 def health(settings: Settings, layout: Layout, release: str, bind: Bind, manager: str) -> Health:
@@ -244,6 +311,8 @@ def publish(settings: Settings, layout: Layout, release: str, old: str | None, k
     if manager == "systemd":
         # The warm standby is enabled too: after a reboot a rollback is as fast as before.
         steps.append(Helper(settings.app, ("enable", release), what="enabling the release at boot"))
+    elif settings.processes:  # a switch back: the release's processes were stopped by the switch away
+        steps.append(Sh(start_processes(settings, layout, release), what="starting the release's processes"))
     steps.append(stop_others(settings, layout, keep, manager))
     return steps
 

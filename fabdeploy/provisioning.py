@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from shlex import quote
 
-from . import onhost, render
+from . import onhost, processes, render
 from .errors import DeployError
 from .layout import HELPER, Layout, SystemPaths
 from .model import Bind
@@ -78,7 +78,19 @@ def registration(settings: Settings, user: str, ipv6: bool, home: str | None = N
         "ipv6": ipv6,
         "site": paths.site(settings.proxy.kind) if settings.proxy.enabled else None,
         "audit_log": paths.audit_log,
+        **processes_registered(settings),
     }
+
+
+def processes_registered(settings: Settings) -> dict:
+    """Which process units and timers root made (the helper's only source for their names);
+    absent when there are none, so a record from before them still matches."""
+    found = {}
+    if settings.processes:
+        found["processes"] = sorted(settings.processes)
+    if settings.timers:
+        found["timers"] = {timer.name: timer.on_calendar for timer in settings.timers}
+    return found
 
 
 # -- what root sees of the host before it provisions ------------------------------------------
@@ -298,6 +310,7 @@ def steps(settings: Settings, user: str, key: str, facts: RootFacts, replace: bo
         found.append(installed(f"systemd unit {paths.unit}",
                                Install(paths.unit, render.systemd_unit(settings, root, user),
                                        after="systemctl daemon-reload")))
+        found += process_steps(settings, user, root)
     found.append(installed(f"log rotation {paths.logrotate}",
                            Install(paths.logrotate, render.logrotate_rule(settings, root, user),
                                    validate="logrotate -d {}")))
@@ -306,6 +319,69 @@ def steps(settings: Settings, user: str, key: str, facts: RootFacts, replace: bo
                                    validate="visudo -cqf {}")))
     found += proxy_steps(settings, user, root, facts)
     return found
+
+
+# -- a release's other processes, and timers (issue 15) -------------------------------------
+
+UNIT_DIR = "/etc/systemd/system"
+
+
+def process_steps(settings: Settings, user: str, root: str) -> list[Step]:
+    """Each process's unit template; each timer's service and timer, enabled; units of names
+    no longer in the settings taken away."""
+    app = settings.app
+    found: list[Step] = []
+    for name in settings.processes:
+        path = f"{UNIT_DIR}/{processes.template(app, name)}"
+        found.append(installed(f"process unit {path}", Install(path, render.process_unit(settings, root, user, name),
+                                                               after="systemctl daemon-reload")))
+    for timer in settings.timers:
+        timer_name, service = processes.timer_units(app, timer.name)
+        found.append(installed(f"timer unit {UNIT_DIR}/{service}",
+                               Install(f"{UNIT_DIR}/{service}",
+                                       render.timer_service(settings, root, user, timer.name),
+                                       after="systemctl daemon-reload")))
+        # systemd's own parser checks the schedule before the timer goes in.
+        found.append(installed(f"timer {UNIT_DIR}/{timer_name}",
+                               Install(f"{UNIT_DIR}/{timer_name}",
+                                       render.timer_timer(settings, timer.name, timer.on_calendar, service),
+                                       validate=f"systemd-analyze calendar {quote(timer.on_calendar)} >/dev/null",
+                                       after=f"systemctl daemon-reload && systemctl restart {quote(timer_name)}")))
+        found.append(checked(f"timer {timer_name} enabled", f"systemctl is-enabled {quote(timer_name)}",
+                             f"systemctl enable --now {quote(timer_name)}"))
+    found.append(Step("old process and timer units", Sh(retire_units(settings), key="old process and timer units",
+                                                        what="provisioning old process and timer units",
+                                                        hint="provision needs root")))
+    return found
+
+
+def retire_units(settings: Settings) -> str:
+    """A script that stops, disables and removes <app>.* units whose name is not in the settings."""
+    app = settings.app
+    wanted = sorted({processes.template(app, n) for n in settings.processes}
+                    | {u for t in settings.timers for u in processes.timer_units(app, t.name)})
+    script = f"""
+import os, subprocess
+app, wanted, folder = {app!r}, {wanted!r}, {UNIT_DIR!r}
+run = lambda *a: subprocess.run(["systemctl", *a], stdin=subprocess.DEVNULL, capture_output=True)
+old = sorted(n for n in os.listdir(folder) if n.startswith(app + ".") and n not in wanted
+             and n.endswith((".service", ".timer")) and os.path.isfile(os.path.join(folder, n)))
+for name in old:
+    if name.endswith("@.service"):  # a process: every release's instance goes
+        pattern = name.replace("@.service", "@*.service")
+        run("stop", pattern)
+        # Its instances' links in *.wants/ (enabled at boot), then the template.
+        for link in subprocess.run(["find", folder, "-mindepth", "2", "-name", pattern],
+                                   capture_output=True, text=True).stdout.split():
+            os.unlink(link)
+    else:
+        run("disable", "--now", name)
+    os.unlink(os.path.join(folder, name))
+if old:
+    run("daemon-reload")
+print("changed" if old else "unchanged")
+"""
+    return f"python3 -c {quote(script)}"
 
 
 def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> list[Step]:

@@ -201,11 +201,12 @@ class Host:
         if self.session is not None:
             self.session.cancel()
 
-    def stream(self, command: str, pty: bool = False) -> int:
-        """A command whose output goes straight to ours (with a pty: Ctrl-C reaches it)."""
+    def stream(self, command: str, pty: bool = False, stdin: bool = False) -> int:
+        """A command whose output goes straight to ours (with a pty: Ctrl-C reaches it; with
+        stdin, what we type reaches it too)."""
         if self.conn.config.run.echo:
             self.say(f"[{self.name}] {command}")
-        result = self.conn.run(command, in_stream=False, warn=True, pty=pty)
+        result = self.conn.run(command, in_stream=None if stdin else False, warn=True, pty=pty, hide=False)
         return result.exited
 
     def reconnect(self) -> None:

@@ -121,3 +121,20 @@ def systemd_unit(settings: Settings, root: str, user: str) -> str:
     return render("app@.service", app=settings.app, user=user, server=settings.server.kind,
                   group=settings.group, root=root,
                   stop_timeout=settings.server.graceful_timeout + 10)
+
+
+# -- a release's other processes, and timers (issue 15) ---------------------------------------
+
+def process_unit(settings: Settings, root: str, user: str, name: str) -> str:
+    """A process's template, `<app>.<name>@.service`: root's file, the web unit's hardening."""
+    return render("process@.service", app=settings.app, name=name, user=user, group=settings.group,
+                  root=root, stop_timeout=settings.server.graceful_timeout + 10)
+
+
+def timer_service(settings: Settings, root: str, user: str, name: str) -> str:
+    """What a timer starts: current's script for it, once."""
+    return render("timer.service", app=settings.app, name=name, user=user, group=settings.group, root=root)
+
+
+def timer_timer(settings: Settings, name: str, on_calendar: str, service: str) -> str:
+    return render("timer.timer", app=settings.app, name=name, on_calendar=on_calendar, service=service)

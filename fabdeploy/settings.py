@@ -39,6 +39,11 @@ DEFAULTS: dict[str, Any] = {
     "project_dir": ".",
     "output": "text",
     "known_hosts": "~/.ssh/known_hosts",
+    # The app's other processes and commands (issue 15): see "hooks, processes, timers" below.
+    "hooks": {point: [] for point in catalog.HOOK_POINTS},
+    "processes": None,   # name: command; None is none
+    "timers": None,      # name: {command, on_calendar}; None is none
+    "version_from": "wheel",
     "server": {
         "kind": "gunicorn",
         "workers": 2,
@@ -209,6 +214,11 @@ class Settings:
     server: ServerSettings
     proxy: ProxySettings
     provision: ProvisionSettings
+    hooks: tuple = ()              # Hook, in the order fabric.yaml gives them
+    processes: dict = field(default_factory=dict)   # name -> command, run beside each release's server
+    timers: tuple = ()             # Timer
+    version_from: str = "wheel"
+    stage: str | None = None       # --stage, as given
     hosts: tuple = ()              # HostEntry for each configured host
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # for per-host overrides
     base_dir: Path | None = None
@@ -248,7 +258,8 @@ class Settings:
         own = self if not entry.overrides else build(overlay(self.raw, entry.overrides), self.base_dir,
                                                      self.hosts, prefix=f"hosts[{entry.spec}].")
         database = "shared" if any(e.primary for e in self.hosts) else own.database
-        return dataclasses.replace(own, role=entry.role, primary=entry.primary, database=database)
+        return dataclasses.replace(own, role=entry.role, primary=entry.primary, database=database,
+                                   stage=self.stage)
 
 
 # -- reading fabric.yaml ----------------------------------------------------------
@@ -565,9 +576,120 @@ def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
         output=choice("output", v["output"], ("text", "json")),
         known_hosts=path("known_hosts", v["known_hosts"]),
         server=server, proxy=proxy, provision=provision,
+        **app_processes(v),
         hosts=hosts, raw=raw, base_dir=base_dir,
         warnings=tuple(prefix + w for w in warnings),
         **data_settings(v))
+
+
+# -- hooks, processes, timers (issue 15) ------------------------------------------------
+
+@dataclass(frozen=True)
+class Hook:
+    """A command of the user's at a point of a deploy: run here (local) or on each host (remote)."""
+
+    point: str
+    where: str      # "local" or "remote"
+    command: str
+
+
+@dataclass(frozen=True)
+class Timer:
+    """A flask command that systemd runs on a schedule, in whichever release is current."""
+
+    name: str
+    command: tuple[str, ...]
+    on_calendar: str
+
+
+PROCESS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+CALENDAR = re.compile(r"^[A-Za-z0-9 :*/.,~+_-]+$")  # systemd.time's OnCalendar= characters
+SHELL_OPERATORS = set("();<>|&")
+RESERVED_NAMES = {"app": "the web server's log is shared/log/app.log"}
+
+
+def app_processes(v: dict) -> dict:
+    """hooks, processes, timers and version_from, checked; the Settings fields they fill."""
+    processes = process_commands("processes", v["processes"])
+    timers = timer_specs("timers", v["timers"])
+    for timer in timers:
+        if timer.name in processes:
+            raise fail(f"timers.{timer.name}", "has the name of a process: each name has one log and one unit")
+    return {"hooks": hook_list(v["hooks"]), "processes": processes, "timers": timers,
+            "version_from": choice("version_from", v["version_from"], catalog.VERSION_FROM)}
+
+
+def hook_list(raw: dict) -> tuple[Hook, ...]:
+    """Each point's commands: `- local: CMD` and `- remote: CMD` (or one such mapping)."""
+    found = []
+    for point in catalog.HOOK_POINTS:
+        entries = raw[point]
+        entries = [entries] if isinstance(entries, dict) else entries
+        if not isinstance(entries, (list, tuple)):
+            raise fail(f"hooks.{point}", f"must be a list of {{local: CMD}} or {{remote: CMD}}, not {entries!r}")
+        for i, entry in enumerate(entries):
+            key = f"hooks.{point}[{i}]"
+            if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in ("local", "remote"):
+                raise fail(key, f"must be {{local: CMD}} or {{remote: CMD}}, not {entry!r}")
+            where, commands = next(iter(entry.items()))
+            if point == "before_build" and where == "remote":
+                raise fail(key, "is remote, but before_build runs before any host is reached: "
+                                "run it locally, or at before_switch")
+            for command in commands if isinstance(commands, (list, tuple)) else [commands]:
+                found.append(Hook(point, where, text(f"{key}.{where}", command, allow_empty=False)))
+    return tuple(found)
+
+
+def process_name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not PROCESS_NAME.match(value):
+        raise fail(key, f"must be a name matching ^[a-z][a-z0-9_-]*$ (at most 32 characters), not {value!r}")
+    if value in RESERVED_NAMES:
+        raise fail(key, f"cannot be {value!r}: {RESERVED_NAMES[value]}")
+    return value
+
+
+def exec_command(key: str, value: Any) -> str:
+    """One program and its arguments: the process's script execs it, so it gets systemd's signals."""
+    command = text(key, value, allow_empty=False)
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    try:
+        tokens = list(lexer)
+    except ValueError as exc:
+        raise fail(key, f"does not split into words: {exc}") from None
+    if any(token and set(token) <= SHELL_OPERATORS for token in tokens):
+        raise fail(key, f"must be one program and its arguments (it is exec'd, to get the stop signal): "
+                        f"put a pipeline or a list of commands in a script, not {value!r}")
+    return command
+
+
+def process_commands(key: str, raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise fail(key, f"must be a mapping of names to commands, not {raw!r}")
+    return {process_name(f"{key}.{name}", name): exec_command(f"{key}.{name}", command)
+            for name, command in raw.items()}
+
+
+def timer_specs(key: str, raw: Any) -> tuple[Timer, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise fail(key, f"must be a mapping of names to {{command, on_calendar}}, not {raw!r}")
+    timers = []
+    for name, spec in raw.items():
+        where = f"{key}.{process_name(f'{key}.{name}', name)}"
+        if not isinstance(spec, dict) or set(spec) != {"command", "on_calendar"}:
+            raise fail(where, f"must be {{command: FLASK COMMAND, on_calendar: SCHEDULE}}, not {spec!r}")
+        command = words(f"{where}.command", spec["command"])
+        if not command:
+            raise fail(f"{where}.command", "must name a flask command")
+        calendar = text(f"{where}.on_calendar", spec["on_calendar"], allow_empty=False)
+        if not CALENDAR.match(calendar):
+            raise fail(f"{where}.on_calendar", f"must be a systemd calendar event such as daily or "
+                                               f"'*-*-* 03:00:00', not {calendar!r}")
+        timers.append(Timer(name, command, calendar))
+    return tuple(timers)
 
 
 def health_path(key: str, value: Any) -> str:
@@ -728,7 +850,7 @@ def resolve(given: dict, base_dir: Path, stage: str | None = None) -> Settings:
         raise fail(f"hosts[{primaries[1]}].primary", f"is set on {primaries[0]} already: one host migrates")
     if primaries and raw.get("database") == "local":
         raise fail("database", f"is local, but {primaries[0]} is marked primary: set database: shared")
-    settings = build(raw, base_dir, entries)
+    settings = dataclasses.replace(build(raw, base_dir, entries), stage=stage)
     return dataclasses.replace(settings, database="shared") if primaries else settings
 
 

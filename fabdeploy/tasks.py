@@ -20,9 +20,10 @@ from pathlib import Path
 
 from fabric import Config, Connection
 from invoke import Task
+from invoke.parser import Argument
 from invoke.exceptions import Exit
 
-from . import appenv, fleet, hostinfo, secret
+from . import appenv, commands, fleet, hostinfo, secret, vcs
 from . import phases as ph
 from .build import start_build
 from .errors import DeployError
@@ -102,9 +103,9 @@ class Invocation:
             self.hosts.append(ph.Target(host, own, cancelled=self.runner.cancelled, **fields))
         return self.hosts
 
-    def one_by_one(self, work, **fields) -> None:
-        """work(target) on each host in turn; its failure names the host."""
-        for t in self.targets(**fields):
+    def one_by_one(self, work, only: str | None = None, **fields) -> None:
+        """work(target) on each host in turn (or the one `only` names); its failure names the host."""
+        for t in pick(self.targets(**fields), only):
             try:
                 work(t)
             except DeployError as exc:
@@ -113,6 +114,54 @@ class Invocation:
     def close(self) -> None:
         for t in self.hosts:
             t.host.close()
+
+
+def pick(targets: list[ph.Target], only: str | None) -> list[ph.Target]:
+    """The targets, or the one `only` names: user@host[:port], or the host alone (--host)."""
+    if not only:
+        return targets
+    chosen = [t for t in targets
+              if only in (t.host.name, t.host.conn.host, f"{t.host.conn.user}@{t.host.conn.host}")]
+    if not chosen:
+        raise DeployError(f"--host {only} is not one of the hosts ({', '.join(t.host.name for t in targets)})",
+                          hint="give one of them, or -H it")
+    return chosen
+
+
+class Words(Argument):
+    """A task's last positional argument, which takes every word after it (fab flask db upgrade).
+
+    Invoke has no variadic positional argument: its parser feeds a positional
+    one while its value is None. This one says None while the parser reads
+    the task's words, and gives them all once the parser wraps the task up.
+    """
+
+    @property
+    def value(self):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "complete_context":  # the parser is done with the task
+                return self._value or []
+            if frame.f_code.co_name == "handle":            # the parser is reading a word
+                return None
+            frame = frame.f_back
+        return self._value or []
+
+    @value.setter
+    def value(self, word) -> None:
+        self.set_value(word)
+
+    def set_value(self, value, cast: bool = True) -> None:
+        self.raw_value = value
+        self._value = (self._value or []) + [value]
+
+
+class WordsTask(Task):
+    """A Task whose argument `words` is Words."""
+
+    def get_arguments(self, ignore_unknown_help=None):
+        return [Words(names=arg.names, kind=list, positional=True, help=arg.help) if arg.name == "words" else arg
+                for arg in super().get_arguments(ignore_unknown_help)]
 
 
 def fleet_task(*, name: str | None = None, help: dict | None = None):
@@ -168,7 +217,9 @@ def fleet_task(*, name: str | None = None, help: dict | None = None):
                                                          *params[1:]])
         del per_host.__wrapped__
         all_hosts.__name__ = f"{body.__name__}_all"
-        return Task(per_host, name=task_name, help=help or {}, post=[Task(all_hosts)])
+        kind = WordsTask if "words" in sig.parameters else Task
+        positional = [p.name for p in params[1:] if p.default is inspect.Parameter.empty or p.name == "words"]
+        return kind(per_host, name=task_name, help=help or {}, post=[Task(all_hosts)], positional=positional)
     return decorate
 
 
@@ -199,14 +250,26 @@ def parse_batch(batch, hosts: int) -> int:
 def deploy(run: Invocation, force=False, dry_run=False, batch="0", parallel=10, quiet=False, stage=None,
            json=False):
     """Build the wheel, install it as a new release, and switch to it when healthy."""
-    targets = run.targets(release=release_name(), secret_key=secret.new_key(), force=force)
+    source = release_source(run.settings)
+    name = release_name() if run.settings.version_from != "git" else vcs.release_name(release_name(), source)
+    targets = run.targets(release=name, secret_key=secret.new_key(), force=force, source=source)
     resolver = appenv.Resolver()
     for t in targets:  # read here, before the build and before any host: a missing secret changes nothing
         t.app_env = resolver.app_env(t.settings)
+    fleet.before_build(targets, run.printer)
     wheel = start_build(Path(run.settings.project_dir))  # while the hosts connect and lock
     for t in targets:
         t.building = wheel
     fleet.deploy(targets, run.runner, run.printer, batch=parse_batch(batch, len(targets)))
+
+
+def release_source(settings: Settings) -> vcs.Source | None:
+    """The commit the release is built from (version_from: git needs one); a dirty tree is said."""
+    project = Path(settings.project_dir)
+    source = vcs.required(project) if settings.version_from == "git" else vcs.source(project)
+    if source is not None and source.dirty:
+        print(vcs.warning(source, project), file=sys.stderr, flush=True)
+    return source
 
 
 @fleet_task(help={
@@ -343,3 +406,33 @@ def db_restore(run: Invocation, backup, yes=False, stage=None):
     finally:
         for t in hosts:
             ph.release_lock(t)
+# -- the app's commands on the servers (issue 15) --------------------------------------------
+
+HOST_HELP = "only this host (user@host, or host) of those the task would run on"
+
+
+@fleet_task(name="flask", help={"stage": STAGE_HELP, "host": HOST_HELP,
+                                "words": "the flask command and its arguments, e.g. create-admin alice"})
+def flask_command(run: Invocation, words=None, host=None, stage=None):
+    """Run flask --app <wsgi> WORDS in the current release on each host (or --host)."""
+    run.one_by_one(lambda t: commands.flask(t, list(words or ())), only=host)
+
+
+@fleet_task(help={"stage": STAGE_HELP, "host": HOST_HELP})
+def shell(run: Invocation, host=None, stage=None):
+    """Open flask shell in the current release, interactively (one host: --host with several)."""
+    targets = pick(run.targets(), host)
+    if len(targets) != 1:
+        raise DeployError(f"fab shell opens one shell, and there are {len(targets)} hosts",
+                          hint="name one with --host")
+    try:
+        commands.shell(targets[0])
+    except DeployError as exc:
+        raise exc.on(targets[0].host.name)
+
+
+@fleet_task(name="run", help={"stage": STAGE_HELP, "host": HOST_HELP,
+                              "command": "a shell command line, quoted as one argument"})
+def run_command(run: Invocation, command, host=None, stage=None):
+    """Run a shell command in the current release's environment on each host (or --host)."""
+    run.one_by_one(lambda t: commands.run(t, command), only=host)

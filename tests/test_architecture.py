@@ -5,11 +5,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "fabdeploy"
 ROOMS = [  # top to bottom, as docs/architecture.md lists them
     {"__init__", "__main__", "tasks"},
-    {"fleet", "hostinfo"},
+    {"fleet", "hostinfo", "commands"},
     {"phases"},
     {"remote", "session"},
-    {"plan", "render", "servers", "provisioning", "wheelhouse", "ops", "scaffold", "database"},
-    {"settings", "project", "build", "buildenv", "appenv", "memo"},
+    {"plan", "render", "servers", "provisioning", "wheelhouse", "ops", "scaffold", "database", "hooks", "processes"},
+    {"settings", "project", "build", "buildenv", "appenv", "memo", "vcs"},
     {"model", "catalog", "layout", "secret", "errors", "onhost"},
 ]
 APART = {"agent", "helper", "hostlib"}  # run on servers: nothing of fabdeploy but hostlib

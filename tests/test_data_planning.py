@@ -65,7 +65,7 @@ def test_the_serve_script_and_every_flask_command_load_the_release_env_before_po
     loads = appenv.loader(f"{ROOT}/releases/R1/env")
     assert script.index(loads) < script.index("unset PORT") < script.rindex("exec ")
     command = plan.flask(settings(), layout, "R1", ("db", "upgrade"))
-    assert command.startswith(f"cd {ROOT}/releases/R1 && {loads} && env -u PORT ")
+    assert command.startswith(f"cd {ROOT}/releases/R1 && {loads} && unset PORT && ")
 
 
 def test_the_env_file_is_written_secret_and_shown_with_each_secret_as_placeholder():
@@ -134,9 +134,9 @@ def names(steps) -> list[str]:
 def test_a_host_with_its_own_database_migrates_in_its_install_request_a_shared_one_does_not():
     local, shared = target(settings()), target(settings(database="shared"))
     assert names(ph.installing(local)) == ["upload", "venv", "install", "secret", "env", "init", "backup", "migrate",
-                                           "configure", "start"]
+                                           "configure", "start", "before_switch"]
     assert names(ph.installing(shared)) == ["upload", "venv", "install", "secret", "env"]
-    assert names(ph.MIGRATE) == ["init", "backup", "migrate"] and names(ph.START) == ["configure", "start"]
+    assert names(ph.MIGRATE) == ["init", "backup", "migrate"] and names(ph.START) == ["configure", "start", "before_switch"]
 
 
 def test_the_primary_is_the_marked_host_else_the_first():

@@ -20,10 +20,13 @@ def test_the_readmes_phases_are_the_codes_in_its_order():
     assert listed == list(dict.fromkeys(declared))
 
 
+MAPPINGS = {"env", "secrets", "hooks"}  # one setting each, a mapping of names (or of hook points)
+
+
 def keys(tree: dict, prefix: str = "") -> set[str]:
     found = set()
     for key, value in tree.items():
-        if isinstance(value, dict) and value:  # a section; an empty mapping (env, secrets) is a setting
+        if isinstance(value, dict) and prefix + key not in MAPPINGS:  # a section
             found |= keys(value, f"{prefix}{key}.")
         else:
             found.add(prefix + key)

@@ -138,6 +138,12 @@ BAD_VALUES = [
     ("hosts[db1].primary", {"hosts": [{"host": "db1", "role": "database", "primary": True}]}),
     ("hosts[deploy@web2].primary", {"hosts": [{"host": "deploy@web1", "primary": True},
                                               {"host": "deploy@web2", "primary": True}]}),
+    # issue 15 (more in tests/test_procs_planning.py)
+    ("hooks.after_deploy[0].local", {"hooks": {"after_deploy": {"local": "a\nb"}}}),
+    ("processes.worker", {"processes": {"worker": "celery worker; id"}}),
+    ("processes.W", {"processes": {"W": "celery worker"}}),
+    ("timers.t.on_calendar", {"timers": {"t": {"command": "x", "on_calendar": "daily\nExecStart=/bin/sh"}}}),
+    ("version_from", {"version_from": "svn"}),
 ]
 
 

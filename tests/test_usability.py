@@ -570,7 +570,7 @@ def test_releases_marks_the_current_one_and_the_failed_ones(project, host):
     result = project.fab("releases")
 
     assert result.stdout.splitlines()[0] == f"{host.host_string} ({project.deploy_to}), * = current"
-    assert result.stdout.splitlines()[1].split() == ["RELEASE", "STATE", "VERSION", "DEPLOYED", "AT", "BY"]
+    assert result.stdout.splitlines()[1].split() == ["RELEASE", "STATE", "VERSION", "COMMIT", "DEPLOYED", "AT", "BY"]
     rows = release_rows(result.stdout)
     assert rows.keys() == {good, failed}
     assert rows[good] == ["*", "ready", "1.0.0"]
