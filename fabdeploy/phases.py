@@ -286,9 +286,20 @@ def install(t: Target) -> list[Op]:
     """The wheel and its dependencies into the venv, byte-compiled before anything runs."""
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
     like = t.current if t.facts.current_release else None
-    return [plan.Sh(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
+    return [*build_on_server(t),
+            plan.Sh(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
                     what="installing the wheel"),
             plan.compile_bytecode(t.layout, t.release, like)]
+
+
+def build_on_server(t: Target) -> list[Op]:
+    """What ships no wheel (mod_wsgi), built into the host's wheelhouse: on its first deploy only."""
+    sdists = wheelhouse.unbuilt(t.wheels, t.facts) if t.installer.wheelhouse else []
+    if not sdists:
+        return []
+    house = t.layout.wheelhouse
+    pip_wheel = f"{house}/{wheelhouse.tool_wheel(t.wheels, 'pip').name}"
+    return [plan.build_wheels(t.settings.python, pip_wheel, house, [f"{house}/{s.name}" for s in sdists])]
 
 
 def write_secret(t: Target) -> list[Op]:

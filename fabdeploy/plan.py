@@ -7,6 +7,7 @@ agent's channel, and are never shown.
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 from shlex import quote
 
@@ -106,6 +107,23 @@ def install(inst: Installer, layout: Layout, release: str, wheel_path: str,
         return f"{{ {base} --offline {wanted} 2>/dev/null || {base} {wanted}; }}"
     pip = f"{python} {quote(inst.pip_wheel + '/pip')}" if offline else quote(layout.venv(release) + "/bin/pip")
     return f"{pip} install --disable-pip-version-check --no-input --quiet{offline} {wanted}"
+
+
+def build_wheels(python: str, pip_wheel: str, wheelhouse: str, sdists: list[str]) -> Sh:
+    """Wheels of the shipped sdists, built on the server into its wheelhouse: once, offline.
+
+    Built aside, then moved in: an interrupted build leaves no wheel behind to be trusted.
+    """
+    built = '"$d"'
+    pip = (f"{quote(python)} {quote(pip_wheel + '/pip')} wheel --quiet --disable-pip-version-check"
+           f" --no-index --find-links {quote(wheelhouse)} --no-deps --wheel-dir {built}"
+           f" {' '.join(quote(s) for s in sdists)}")
+    names = ", ".join(posixpath.basename(s).split("-")[0] for s in sdists)
+    return Sh(f"d=$(mktemp -d {quote(wheelhouse)}/.build-XXXXXX) && {{ {pip} && mv {built}/*.whl {quote(wheelhouse)}/;"
+              f' s=$?; rm -rf {built}; [ "$s" = 0 ]; }}',
+              what=f"building {names} on the server (once)",
+              hint="it needs a compiler and Apache's headers: fab -H root@<host> provision installs them"
+                   " with server.kind mod_wsgi")
 
 
 def compile_bytecode(layout: Layout, release: str, like: str | None) -> Compile:
