@@ -340,12 +340,15 @@ def configure_rollback(t: Target) -> list[Op]:
 
 
 def server_files(t: Target, release: str, bind: Bind) -> list[Op]:
-    """What starts a release's server on `bind`: its serve script, BIND, gunicorn.conf.py."""
+    """What starts a release's server on `bind`: its serve script, BIND, gunicorn.conf.py or app.wsgi."""
     files = []
     if t.settings.server.kind == "gunicorn":
         files.append(Write(t.layout.gunicorn_conf(release),
                            render.gunicorn_conf(t.settings, t.layout, release, bind),
                            what=f"writing {t.layout.gunicorn_conf(release)}"))
+    if t.settings.server.kind == "mod_wsgi":
+        files.append(Write(t.layout.wsgi_script(release), servers.wsgi_script(t.settings, release),
+                           what=f"writing {t.layout.wsgi_script(release)}"))
     files.append(Write(t.layout.serve(release), servers.serve_script(t.settings, t.layout, release, bind),
                        mode=0o755, what=f"writing {t.layout.serve(release)}"))
     files.append(Write(t.layout.bind_file(release), bind.gunicorn + "\n",

@@ -268,9 +268,10 @@ def remove_releases(settings: Settings, layout: Layout, names: list[str], manage
     """
     stops = [stop_server(settings, layout, name, manager) for name in names]
     files = tuple(p for name in names for p in (layout.socket(name), layout.pid_file(name)))
+    # mod_wsgi-express's server roots go with their releases (none: nothing to move).
+    trees = tuple(p for name in names for p in (layout.release(name), layout.server_root(name)))
     return [*stops, Remove(files, what="removing old sockets"),
-            Trash(layout.trash, tuple(layout.release(name) for name in names),
-                  what="removing old releases")]
+            Trash(layout.trash, trees, what="removing old releases")]
 
 
 def reload_servers(settings: Settings, layout: Layout, manager: str) -> Op:
