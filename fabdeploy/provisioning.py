@@ -191,8 +191,12 @@ class Step:
 
 
 def checked(name: str, check: str, action: str) -> Step:
-    """A step that acts only where its check fails, and says which it did."""
-    return Step(name, Sh(f"if {{ {check}; }} >/dev/null 2>&1; then echo unchanged;"
+    """A step that acts only where its check fails, and says which it did.
+
+    The check runs in a subshell: an `exit 1` in it (a loop's early no) must end the
+    check, not the whole step before its action runs.
+    """
+    return Step(name, Sh(f"if ( {check} ) >/dev/null 2>&1; then echo unchanged;"
                          f" else {{ {action}; }} && echo changed; fi", key=name,
                          what=f"provisioning {name}", hint="provision needs root"))
 
