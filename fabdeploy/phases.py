@@ -365,8 +365,20 @@ def start(t: Target) -> list[Op]:
     """Start the release on its own socket; it must answer 2xx before anything else moves."""
     t.started = True
     check = plan.health(t.settings, t.layout, t.release, t.bind, t.manager)
-    return [plan.start_server(t.settings, t.layout, t.release, t.manager),
+    return [*free_port(t), plan.start_server(t.settings, t.layout, t.release, t.manager),
             dataclasses.replace(check, what=f"release {t.release} is unhealthy")]
+
+
+def free_port(t: Target) -> list[Op]:
+    """Over TCP the port current lacks is the warm standby's: it stops before the release takes it.
+
+    Else the new server cannot bind, the standby answers its health check, and once
+    the switch stops the standby, visitors get the release before (the site's backup).
+    """
+    if t.bind.is_unix:
+        return []
+    return [plan.stop_and_wait(t.settings, t.layout, r.name, t.manager) for r in t.releases
+            if r.bind == t.bind and r.name not in (t.release, t.current)]
 
 
 # -- switching ----------------------------------------------------------------------------

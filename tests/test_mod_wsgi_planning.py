@@ -242,3 +242,29 @@ def test_a_provisioned_apache_site_listens_on_its_other_ports_once(listen, lines
     # The deploy user's own Apache (a throwaway host) lists its ports itself.
     local = render.proxy_site(s, render.SiteShape(release="R1", active=SOCKET))
     assert "Listen" not in local
+
+
+# -- TCP binds: the warm standby holds the port the next release takes ---------------------------
+
+def tcp_target(release, current, releases):
+    facts = HostFacts.parse({"root": ROOT, "user": "deploy", "uid": 1000, "current": current,
+                             "releases": [{"name": n, "state": "ready", "bind": b} for n, b in releases]})
+    t = ph.Target(None, mod_wsgi(bind="127.0.0.1:8000", manager="systemd"), release=release, facts=facts,
+                  layout=LAYOUT)
+    t.bind = ph.choose_bind(t, release)
+    return t
+
+
+@pytest.mark.parametrize("release, current, releases, stopped", [
+    # The third deploy: R1, the standby, holds 8000, which R3 takes.
+    ("R3", "R2", [("R1", "127.0.0.1:8000"), ("R2", "127.0.0.1:8001")], ["R1"]),
+    # The second: nothing else on 8001.
+    ("R2", "R1", [("R1", "127.0.0.1:8000")], []),
+    # A rollback to the standby itself: it keeps running where it is.
+    ("R1", "R2", [("R1", "127.0.0.1:8000"), ("R2", "127.0.0.1:8001")], []),
+    # A rollback past it: the standby makes way for the older release.
+    ("R0", "R2", [("R0", "127.0.0.1:8001"), ("R1", "127.0.0.1:8000"), ("R2", "127.0.0.1:8001")], ["R1"]),
+])
+def test_a_release_on_tcp_first_stops_the_standby_on_its_port(release, current, releases, stopped):
+    ops = ph.start(tcp_target(release, current, releases))
+    assert [op.argv[1] for op in ops[:-2]] == stopped and all(op.argv[0] == "stop" for op in ops[:-2])
