@@ -51,12 +51,12 @@ def the(fleet):
     return fleet.hosts[0]
 
 
-def about(fleet, headers=None) -> dict:
-    """GET /about through nginx on port 80, on a new connection."""
+def about(fleet, headers=None, stamp=APP) -> dict:
+    """GET /about through nginx on port 80, on a new connection: our site must answer."""
     request = urllib.request.Request(the(fleet).url("/about"), headers=headers or {})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=10) as response:
-        assert response.headers["X-Fabdeploy-Site"] == APP
+        assert response.headers["X-Fabdeploy-Site"] == stamp
         return json.loads(response.read())
 
 
@@ -205,3 +205,24 @@ def test_cleanup_takes_the_server_roots_with_their_releases(host, project):
     roots = the(host).run(f"cd {ROOT}/shared/run && ls -d *.apache").stdout.split()
     assert {r[: -len(".apache")] for r in roots} <= kept, (roots, kept)
     assert about(host)["version"] == "1.4.0"
+
+
+def test_on_a_tcp_bind_apache_listens_there_and_every_deploy_serves_its_own_code(host, project):
+    """From 1.4.0 over the relay: server.bind 127.0.0.1:8300, provisioned again, three deploys.
+
+    The releases take 8300 and 8301 in turn, so from the third deploy on the new release's
+    port is the warm standby's, which makes way for it.
+    """
+    project.configure(server={"kind": "mod_wsgi", "bind": "127.0.0.1:8300"}, keep_releases=3)
+    host.provision(project)
+    for version, port in (("1.5.0", 8300), ("1.6.0", 8301), ("1.7.0", 8300)):
+        project.set_version(version)
+        project.fab("deploy")
+        info = about(host, stamp=f"{APP}@{port}")
+        assert (info["version"], info["release"]) == (version, current(host))
+        running = commands(host, current(host))
+        assert any(c.startswith("apache2 (mod_wsgi-express)") for c in running), running
+        assert not any("systemd-socket" in c for c in running), running
+    # The current release and its warm standby, each an Apache on its own port.
+    held = the(host).run("ss -ltnpH '( sport = :8300 or sport = :8301 )'").stdout.splitlines()
+    assert sorted(line.split()[3] for line in held if '"apache2"' in line) == ["127.0.0.1:8300", "127.0.0.1:8301"]
