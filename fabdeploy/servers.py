@@ -92,7 +92,9 @@ def mod_wsgi_express(settings: Settings, layout: Layout, release: str, host: str
             f" --request-timeout {server.timeout} --graceful-timeout {server.graceful_timeout}"
             f" --shutdown-timeout {server.graceful_timeout}"
             f" --log-to-terminal --error-log-format {quote('[%t] [%l] %M')}"
-            " --lang C.UTF-8 --locale C.UTF-8")
+            # A release's code never changes; a rollback rewrites app.wsgi, unchanged, and a
+            # reload is fabdeploy's to ask for (HUP), so a changed mtime reloads nothing.
+            " --disable-reloading --lang C.UTF-8 --locale C.UTF-8")
 
 
 def mod_wsgi_body(settings: Settings, layout: Layout, release: str, bind: Bind) -> str:
@@ -121,7 +123,9 @@ def relayed(settings: Settings, layout: Layout, release: str, socket: str) -> li
     """Apache on a free loopback port, and systemd's socket proxy from `socket` to it."""
     python, sock = quote(layout.venv(release) + "/bin/python"), quote(socket)
     express = mod_wsgi_express(settings, layout, release, "127.0.0.1", '"$port"')
-    return [f"port=$({python} -c {quote(FREE_PORT)}) || exit 1",
+    return ["command -v systemd-socket-activate >/dev/null || { echo 'fabdeploy: mod_wsgi on a unix socket"
+            " needs systemd-socket-activate and systemd-socket-proxyd (systemd); else set server.bind'; exit 1; }",
+            f"port=$({python} -c {quote(FREE_PORT)}) || exit 1",
             f"{express} &", "server=$!", f"rm -f {sock}",
             f'systemd-socket-activate --listen={sock} {RELAY} --connections-max=1024 "127.0.0.1:$port" &',
             "relay=$!",

@@ -53,7 +53,7 @@ def test_over_a_unix_socket_apache_gets_a_free_port_and_systemds_relay_the_socke
     assert check < express
     for needle in (f"--server-root {ROOT}/shared/run/R1.apache", '--host 127.0.0.1 --port "$port"',
                    "--processes 3 --threads 8", "--log-to-terminal", "--request-timeout 30",
-                   "--shutdown-timeout 20"):
+                   "--shutdown-timeout 20", "--disable-reloading"):
         assert needle in lines[express], (needle, lines[express])
     relay = next(line for line in lines if line.startswith("systemd-socket-activate"))
     assert relay.startswith(f"systemd-socket-activate --listen={SOCKET.path} /lib/systemd/systemd-socket-proxyd")
