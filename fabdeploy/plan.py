@@ -119,7 +119,8 @@ def build_wheels(python: str, pip_wheel: str, wheelhouse: str, sdists: list[str]
            f" --no-index --find-links {quote(wheelhouse)} --no-deps --wheel-dir {built}"
            f" {' '.join(quote(s) for s in sdists)}")
     names = ", ".join(posixpath.basename(s).split("-")[0] for s in sdists)
-    return Sh(f"d=$(mktemp -d {quote(wheelhouse)}/.build-XXXXXX) && {{ {pip} && mv {built}/*.whl {quote(wheelhouse)}/;"
+    house = quote(wheelhouse)
+    return Sh(f"d=$(mktemp -d {house}/.build-XXXXXX) && {{ {pip} && mv {built}/*.whl {house}/;"
               f' s=$?; rm -rf {built}; [ "$s" = 0 ]; }}',
               what=f"building {names} on the server (once)",
               hint="it needs a compiler and Apache's headers: fab -H root@<host> provision installs them"

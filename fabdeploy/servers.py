@@ -77,9 +77,10 @@ def wsgi_script(settings: Settings, release: str) -> str:
     """The release's app.wsgi: the `application` mod_wsgi serves, from fabdeploy.wsgi."""
     spec, called = factory(settings.wsgi)
     module, _, attr = spec.partition(":")
+    found = f"getattr(import_module({module!r}), {(attr or 'application')!r})"
     return (f"# Written by fabdeploy: the WSGI application mod_wsgi serves for release {release}.\n"
             f"from importlib import import_module\n\n"
-            f"application = getattr(import_module({module!r}), {(attr or 'application')!r}){'()' if called else ''}\n")
+            f"application = {found}{'()' if called else ''}\n")
 
 
 def mod_wsgi_express(settings: Settings, layout: Layout, release: str, host: str, port: str) -> str:

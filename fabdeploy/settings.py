@@ -93,8 +93,9 @@ PROXY_DEFAULTS = {  # per proxy kind, for a proxy the deploy user runs itself
 PROVISION_PACKAGES = {"nginx": ["nginx", "python3", "python3-venv", "sudo"],
                       "apache": ["apache2", "python3", "python3-venv", "sudo"],
                       "none": ["python3", "python3-venv", "sudo"]}
-# What a server needs beside those: mod_wsgi is compiled on the server against its Apache.
-SERVER_PACKAGES = {"mod_wsgi": ["apache2-bin", "apache2-dev", "gcc", "python3-dev", "media-types"]}
+# What a server needs beside those: mod_wsgi is compiled on the server against its Apache
+# (and its serve script signals the daemons with pkill, from procps).
+SERVER_PACKAGES = {"mod_wsgi": ["apache2-bin", "apache2-dev", "gcc", "python3-dev", "media-types", "procps"]}
 
 
 # -- the typed settings ---------------------------------------------------------

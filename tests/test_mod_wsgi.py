@@ -91,7 +91,7 @@ def under_load(fleet, action):
 
 def test_provision_installs_the_build_tools_and_the_first_deploy_builds_mod_wsgi_there(host, project):
     """A fresh host: provision, then the first deploy, offline."""
-    packages = "packages nginx python3 python3-venv sudo apache2-bin apache2-dev gcc python3-dev media-types"
+    packages = "packages nginx python3 python3-venv sudo apache2-bin apache2-dev gcc python3-dev media-types procps"
     assert f"] unchanged  {packages}" in project.provision_output  # the image has them all
     result = project.fab("deploy")
     release = current(host)

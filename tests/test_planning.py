@@ -143,7 +143,7 @@ def test_a_bad_value_is_refused_at_load_naming_its_key(key, given):
     # provision installs what building mod_wsgi on the server takes, unless told otherwise
     ({"server": {"kind": "mod_wsgi"}, "proxy": {"kind": "apache"}},
      lambda s: s.provision.packages == ("apache2", "python3", "python3-venv", "sudo", "apache2-bin",
-                                        "apache2-dev", "gcc", "python3-dev", "media-types")),
+                                        "apache2-dev", "gcc", "python3-dev", "media-types", "procps")),
     ({"server": {"kind": "mod_wsgi"}, "provision": {"packages": ["nginx"]}},
      lambda s: s.provision.packages == ("nginx",)),
 ])
