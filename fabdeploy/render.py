@@ -44,7 +44,7 @@ class SiteShape:
     preview_map: str | None = None  # a map file: the site has a preview through next.sock
     next_socket: str | None = None
     ipv6: bool = False
-    listens: bool = False           # Apache: the site says Listen for its ports (Debian's ports.conf has 80)
+    listens: bool = False           # Apache: the site says Listen for its ports beyond ports.conf's
 
 
 def proxy_site(settings: Settings, shape: SiteShape) -> str:
@@ -79,10 +79,11 @@ def apache_site(settings: Settings, shape: SiteShape) -> str:
 
 
 def apache_listens(settings: Settings) -> str:
-    """Listen for each port but 80 (Debian's ports.conf has it): once, whichever site says it first."""
+    """Listen for each port but Debian's (ports.conf: 80, and 443 with mod_ssl), once, whichever
+    site says it first: Apache refuses a second Listen for one address and port."""
     lines = []
     for listen in settings.proxy.listen:
-        if listen.port == 80 and listen.address is None:
+        if listen.port in (80, 443) and listen.address is None:
             continue
         name = "fabdeploy_listen_" + re.sub(r"\W", "_", listen.nginx)
         lines.append(f"<IfDefine !{name}>\n    Define {name}\n    Listen {listen.nginx}\n</IfDefine>\n")

@@ -230,6 +230,7 @@ def test_apaches_steps_come_before_its_site_which_may_start_it():
 
 @pytest.mark.parametrize("listen, lines", [
     (80, []),  # Debian's ports.conf listens there
+    ([80, 443], []),  # and on 443 with mod_ssl
     ([80, 8080], ["Listen 8080"]),
     (["127.0.0.1:8081"], ["Listen 127.0.0.1:8081"]),
 ])
