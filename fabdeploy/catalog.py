@@ -9,6 +9,13 @@ SERVERS: dict[str, list[str]] = {
     "gunicorn": ["gunicorn"],
     "waitress": ["waitress"],
     "uwsgi": ["pyuwsgi"],
+    "mod_wsgi": ["mod_wsgi"],
+}
+
+# Packages that ship no wheels: their sdist is shipped in the wheelhouse and built into a wheel
+# on the server, once (mod_wsgi compiles against the server's own Apache), with these wheels.
+BUILT_ON_SERVER: dict[str, list[str]] = {
+    "mod-wsgi": ["setuptools"],
 }
 
 # gunicorn worker classes: the class gunicorn wants, and what they need installed.

@@ -107,6 +107,14 @@ class Layout:
     def gunicorn_conf(self, name: str) -> str:
         return self._join("releases", name, "gunicorn.conf.py")
 
+    def wsgi_script(self, name: str) -> str:
+        """mod_wsgi's entry point for the release: a file, not a module, so it shadows none."""
+        return self._join("releases", name, "app.wsgi")
+
+    def server_root(self, name: str) -> str:
+        """mod_wsgi-express's Apache of the release: its config, pid file, locks and sockets."""
+        return self._join("shared", "run", f"{name}.apache")
+
     def socket(self, name: str) -> str:
         return self._join("shared", "run", f"{name}.sock")
 

@@ -306,9 +306,20 @@ def install(t: Target) -> list[Op]:
     """The wheel and its dependencies into the venv, byte-compiled before anything runs."""
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
     like = t.current if t.facts.current_release else None
-    return [plan.Sh(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
+    return [*build_on_server(t),
+            plan.Sh(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
                     what="installing the wheel"),
             plan.compile_bytecode(t.layout, t.release, like)]
+
+
+def build_on_server(t: Target) -> list[Op]:
+    """What ships no wheel (mod_wsgi), built into the host's wheelhouse: on its first deploy only."""
+    sdists = wheelhouse.unbuilt(t.wheels, t.facts) if t.installer.wheelhouse else []
+    if not sdists:
+        return []
+    house = t.layout.wheelhouse
+    pip_wheel = f"{house}/{wheelhouse.tool_wheel(t.wheels, 'pip').name}"
+    return [plan.build_wheels(t.settings.python, pip_wheel, house, [f"{house}/{s.name}" for s in sdists])]
 
 
 def write_secret(t: Target) -> list[Op]:
@@ -350,12 +361,15 @@ def configure_rollback(t: Target) -> list[Op]:
 
 
 def server_files(t: Target, release: str, bind: Bind) -> list[Op]:
-    """What starts a release's server on `bind`: its serve script, BIND, gunicorn.conf.py."""
+    """What starts a release's server on `bind`: its serve script, BIND, gunicorn.conf.py or app.wsgi."""
     files = []
     if t.settings.server.kind == "gunicorn":
         files.append(Write(t.layout.gunicorn_conf(release),
                            render.gunicorn_conf(t.settings, t.layout, release, bind),
                            what=f"writing {t.layout.gunicorn_conf(release)}"))
+    if t.settings.server.kind == "mod_wsgi":
+        files.append(Write(t.layout.wsgi_script(release), servers.wsgi_script(t.settings, release),
+                           what=f"writing {t.layout.wsgi_script(release)}"))
     files.append(Write(t.layout.serve(release), servers.serve_script(t.settings, t.layout, release, bind),
                        mode=0o755, what=f"writing {t.layout.serve(release)}"))
     files.append(Write(t.layout.bind_file(release), bind.gunicorn + "\n",
@@ -377,9 +391,21 @@ def start(t: Target) -> list[Op]:
     """Start the release on its own socket; it must answer 2xx before anything else moves."""
     t.started = True
     check = plan.health(t.settings, t.layout, t.release, t.bind, t.manager)
-    return [plan.start_server(t.settings, t.layout, t.release, t.manager),
+    return [*free_port(t), plan.start_server(t.settings, t.layout, t.release, t.manager),
             dataclasses.replace(check, what=f"release {t.release} is unhealthy"),
             *processes.check(t.settings, t.layout, t.release, t.manager)]
+
+
+def free_port(t: Target) -> list[Op]:
+    """Over TCP the port current lacks is the warm standby's: it stops before the release takes it.
+
+    Else the new server cannot bind, the standby answers its health check, and once
+    the switch stops the standby, visitors get the release before (the site's backup).
+    """
+    if t.bind.is_unix:
+        return []
+    return [plan.stop_and_wait(t.settings, t.layout, r.name, t.manager) for r in t.releases
+            if r.bind == t.bind and r.name not in (t.release, t.current)]
 
 
 # -- switching ----------------------------------------------------------------------------

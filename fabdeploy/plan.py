@@ -7,6 +7,7 @@ agent's channel, and are never shown.
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 from shlex import quote
 
@@ -114,6 +115,24 @@ def install(inst: Installer, layout: Layout, release: str, wheel_path: str,
         return f"{{ {base} --offline {wanted} 2>/dev/null || {base} {wanted}; }}"
     pip = f"{python} {quote(inst.pip_wheel + '/pip')}" if offline else quote(layout.venv(release) + "/bin/pip")
     return f"{pip} install --disable-pip-version-check --no-input --quiet{offline} {wanted}"
+
+
+def build_wheels(python: str, pip_wheel: str, wheelhouse: str, sdists: list[str]) -> Sh:
+    """Wheels of the shipped sdists, built on the server into its wheelhouse: once, offline.
+
+    Built aside, then moved in: an interrupted build leaves no wheel behind to be trusted.
+    """
+    built = '"$d"'
+    pip = (f"{quote(python)} {quote(pip_wheel + '/pip')} wheel --quiet --disable-pip-version-check"
+           f" --no-index --find-links {quote(wheelhouse)} --no-deps --wheel-dir {built}"
+           f" {' '.join(quote(s) for s in sdists)}")
+    names = ", ".join(posixpath.basename(s).split("-")[0] for s in sdists)
+    house = quote(wheelhouse)
+    return Sh(f"d=$(mktemp -d {house}/.build-XXXXXX) && {{ {pip} && mv {built}/*.whl {house}/;"
+              f' s=$?; rm -rf {built}; [ "$s" = 0 ]; }}',
+              what=f"building {names} on the server (once)",
+              hint="it needs a compiler and Apache's headers: fab -H root@<host> provision installs them"
+                   " with server.kind mod_wsgi")
 
 
 def compile_bytecode(layout: Layout, release: str, like: str | None) -> Compile:
@@ -329,9 +348,10 @@ def remove_releases(settings: Settings, layout: Layout, names: list[str], manage
     """
     stops = [stop_server(settings, layout, name, manager) for name in names]
     files = tuple(p for name in names for p in (layout.socket(name), layout.pid_file(name)))
+    # mod_wsgi-express's server roots go with their releases (none: nothing to move).
+    trees = tuple(p for name in names for p in (layout.release(name), layout.server_root(name)))
     return [*stops, Remove(files, what="removing old sockets"),
-            Trash(layout.trash, tuple(layout.release(name) for name in names),
-                  what="removing old releases")]
+            Trash(layout.trash, trees, what="removing old releases")]
 
 
 def reload_servers(settings: Settings, layout: Layout, manager: str) -> Op:

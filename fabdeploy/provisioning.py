@@ -11,10 +11,11 @@ differs), so a second run changes nothing and says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from shlex import quote
 
@@ -107,13 +108,16 @@ class RootFacts:
     main_sudoers_lines: tuple[str, ...]
     ipv6: bool
     systemd: bool
+    listeners: tuple[tuple[int, str], ...] = ()  # (port, program) of each listening TCP socket
+    web: dict = field(default_factory=dict)     # nginx, apache2 -> enabled, active, sites
 
     @classmethod
     def parse(cls, data: dict) -> "RootFacts":
         return cls(user_exists=data["user_exists"], home=data["home"] or "",
                    sudo_rules=tuple(sudo_rules(data["sudo_l"])), groups=tuple(data["groups"].split()),
                    sudoers_files=data["sudoers_files"], main_sudoers_lines=tuple(data["main_lines"]),
-                   ipv6=data["ipv6"], systemd=data["systemd"])
+                   ipv6=data["ipv6"], systemd=data["systemd"],
+                   listeners=tuple(listeners(data.get("ss", ""))), web=data.get("web", {}))
 
 
 def root_facts(user: str) -> Query:
@@ -137,6 +141,17 @@ for name in sorted(os.listdir("/etc/sudoers.d")) if os.path.isdir("/etc/sudoers.
     if named.search(text):
         files[path] = text
 main = open("/etc/sudoers").read() if os.path.exists("/etc/sudoers") else ""
+systemd = os.path.isdir("/run/systemd/system")
+def unit(verb, name):
+    return systemd and subprocess.run(["systemctl", verb, "--quiet", name]).returncode == 0
+def enabled(directory, suffix=""):
+    return sorted(n for n in os.listdir(directory) if n.endswith(suffix)) if os.path.isdir(directory) else []
+web = {{"nginx": enabled("/etc/nginx/sites-enabled") + ["conf.d/" + n for n in enabled("/etc/nginx/conf.d", ".conf")],
+        "apache2": enabled("/etc/apache2/sites-enabled")}}
+try:
+    ss = run("ss", "-ltnpH")
+except OSError:
+    ss = ""
 print(json.dumps({{
     "user_exists": home is not None, "home": home,
     "sudo_l": run("sudo", "-l", "-U", user) if home else "",
@@ -144,9 +159,23 @@ print(json.dumps({{
     "sudoers_files": files,
     "main_lines": [l for l in main.splitlines() if named.match(l)],
     "ipv6": os.path.exists("/proc/net/if_inet6"),
-    "systemd": os.path.isdir("/run/systemd/system")}}))
+    "systemd": systemd, "ss": ss,
+    "web": {{name: {{"enabled": unit("is-enabled", name), "active": unit("is-active", name), "sites": sites}}
+            for name, sites in web.items() if os.path.isdir("/etc/" + name)}}}}))
 """
     return Query(f"python3 -c {quote(script)}", key="root", what="reading the host as root")
+
+
+def listeners(ss: str) -> list[tuple[int, str]]:
+    """(port, program) for each line of `ss -ltnpH`: who holds which TCP port."""
+    found = []
+    for line in ss.splitlines():
+        fields = line.split()
+        port = fields[3].rpartition(":")[2] if len(fields) > 3 else ""
+        program = re.search(r'users:\(\("([^"]+)"', line)
+        if port.isdigit() and program:
+            found.append((int(port), program.group(1)))
+    return sorted(set(found))
 
 
 def sudo_rules(listing: str) -> list[str]:
@@ -203,8 +232,12 @@ class Step:
 
 
 def checked(name: str, check: str, action: str) -> Step:
-    """A step that acts only where its check fails, and says which it did."""
-    return Step(name, Sh(f"if {{ {check}; }} >/dev/null 2>&1; then echo unchanged;"
+    """A step that acts only where its check fails, and says which it did.
+
+    The check runs in a subshell: an `exit 1` in it (a loop's early no) must end the
+    check, not the whole step before its action runs.
+    """
+    return Step(name, Sh(f"if ( {check} ) >/dev/null 2>&1; then echo unchanged;"
                          f" else {{ {action}; }} && echo changed; fi", key=name,
                          what=f"provisioning {name}", hint="provision needs root"))
 
@@ -391,10 +424,12 @@ def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> l
         return []
     paths = SystemPaths(settings.app)
     layout = Layout(root)
-    service = "nginx" if kind == "nginx" else "apache2"
+    service = WEB_SERVERS[kind]
     test = "nginx -t -q" if kind == "nginx" else "apache2ctl configtest"
-    reload = f"systemctl reload {service}"
-    found: list[Step] = []
+    # reload-or-restart: the proxy may be installed but not running yet (Apache is, on Debian's images).
+    reload = f"systemctl reload-or-restart {service}"
+    found: list[Step] = apache_steps(settings) if kind == "apache" else []
+    found += other_web_server(settings, facts)
     if kind == "nginx":
         token = "python3 -c " + quote('import secrets; print(\'"%s" _next;\' % secrets.token_hex(16))')
         found.append(checked(f"preview token {paths.preview_map}", f"[ -s {quote(paths.preview_map)} ]",
@@ -407,13 +442,13 @@ def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> l
     for port in ports or []:
         variant = f"/etc/fabdeploy/apps/{settings.app}.tcp-{port}.conf"
         other = Bind.tcp(settings.server.bind.host, port + 1 if port == ports[0] else ports[0])
-        text = render.proxy_site(settings, render.SiteShape(
-            release="", active=Bind.tcp(settings.server.bind.host, port), backup=other, ipv6=facts.ipv6))
+        text = render.proxy_site(settings, dataclasses.replace(
+            shape, active=Bind.tcp(settings.server.bind.host, port), backup=other))
         found.append(installed(f"site variant {variant}", Install(variant, text)))
     found.append(installed(f"site {paths.site(kind)}",
                            Install(paths.site(kind), render.proxy_site(settings, shape),
                                    test=test, after=reload)))
-    if kind == "nginx" and settings.proxy.catch_all and any(l.port == 80 for l in settings.proxy.listen):
+    if kind == "nginx" and stock_site_shadows(settings):
         found.append(checked("nginx's stock default site off", f"[ ! -e {STOCK_SITE} ]",
                              f"rm -f {STOCK_SITE} && nginx -t -q && systemctl reload nginx"))
     found.append(checked(f"{service} enabled and running",
@@ -422,13 +457,77 @@ def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> l
     return found
 
 
+def stock_site_shadows(settings: Settings) -> bool:
+    """Debian's stock site answers every name on port 80 first: a catch-all site there needs it off."""
+    return settings.proxy.catch_all and any(listen.port == 80 for listen in settings.proxy.listen)
+
+
+# -- Apache, and another web server in the way ------------------------------------------------------
+
+WEB_SERVERS = {"nginx": "nginx", "apache": "apache2"}  # proxy.kind -> its service and program
+STOCK_SITES = {"nginx": {"default"}, "apache2": {"000-default.conf"}}
+# What fabdeploy's Apache site uses: mod_proxy_balancer needs a shared memory provider.
+APACHE_MODULES = ("proxy", "proxy_http", "proxy_balancer", "lbmethod_byrequests", "headers", "slotmem_shm")
+APACHE_STOCK_SITE = "/etc/apache2/sites-enabled/000-default.conf"
+
+
+def apache_steps(settings: Settings) -> list[Step]:
+    """The modules the site needs, and Debian's stock site off where it would answer first."""
+    modules = " ".join(APACHE_MODULES)
+    found = [checked(f"Apache modules {modules}",
+                     f"for m in {modules}; do [ -e /etc/apache2/mods-enabled/$m.load ] || exit 1; done",
+                     f"a2enmod -q {modules}")]
+    if stock_site_shadows(settings):
+        found.append(checked("Apache's stock site 000-default off", f"[ ! -e {APACHE_STOCK_SITE} ]",
+                             "a2dissite -q 000-default"))
+    return found
+
+
+def other_web_server(settings: Settings, facts: RootFacts) -> list[Step]:
+    """The other web server, which would hold the proxy's ports (now, or at the next boot).
+
+    Where it serves nothing but its stock site (and this app's own old one), it is
+    stopped and disabled: nobody's site is lost. Where it serves other sites and holds
+    a port the proxy needs, provision refuses and names them: moving those is the
+    operator's call. Anything else on those ports is refused too, by name.
+    """
+    ours, ports = WEB_SERVERS[settings.proxy.kind], {listen.port for listen in settings.proxy.listen}
+    found: list[Step] = []
+    for other, state in sorted(facts.web.items()):
+        if other == ours:
+            continue
+        own = f"{settings.app}.conf"
+        holds = sorted(port for port, program in facts.listeners if program == other and port in ports)
+        theirs = [site for site in state["sites"] if site not in STOCK_SITES[other] and site != own]
+        if own in state["sites"]:
+            site = f"/etc/{other}/sites-enabled/{own}"
+            reload = f" && {{ ! systemctl is-active --quiet {other} || systemctl reload {other}; }}"
+            found.append(checked(f"{other}'s site for {settings.app} removed", f"[ ! -e {site} ]",
+                                 f"rm -f {site}{reload}"))
+        if theirs and holds:
+            kind = next(k for k, s in WEB_SERVERS.items() if s == other)
+            raise DeployError(f"port {holds[0]} is taken by {other}, which serves other sites "
+                              f"({', '.join(theirs)})", hint=f"move them, choose another proxy.listen, "
+                                                             f"or set proxy.kind: {kind}")
+        if not theirs and (holds or state["enabled"] or state["active"]):
+            found.append(checked(f"{other} stopped and disabled (it served only its stock site)",
+                                 f"! systemctl is-enabled --quiet {other} && ! systemctl is-active --quiet {other}",
+                                 f"systemctl disable --quiet --now {other}"))
+    foreign = [(port, program) for port, program in facts.listeners
+               if port in ports and program != ours and program not in facts.web]
+    if foreign:
+        raise DeployError(f"port {foreign[0][0]} is taken by {foreign[0][1]}",
+                          hint="stop it, or choose another proxy.listen")
+    return found
+
+
 def site_shape(settings: Settings, layout: Layout, ipv6: bool) -> render.SiteShape:
     """The site of a provisioned host: over unix sockets it never changes with a release."""
     bind = settings.server.bind
     if bind is not None:
-        return render.SiteShape(release="", active=bind, backup=bind.next_port(), ipv6=ipv6)
+        return render.SiteShape(release="", active=bind, backup=bind.next_port(), ipv6=ipv6, listens=True)
     live = Bind.unix(layout.live_socket)
     preview = settings.proxy.kind == "nginx"
-    return render.SiteShape(release="", active=live, backup=live, ipv6=ipv6,
+    return render.SiteShape(release="", active=live, backup=live, ipv6=ipv6, listens=True,
                             preview_map=SystemPaths(settings.app).preview_map if preview else None,
                             next_socket=layout.next_socket if preview else None)

@@ -44,6 +44,7 @@ class SiteShape:
     preview_map: str | None = None  # a map file: the site has a preview through next.sock
     next_socket: str | None = None
     ipv6: bool = False
+    listens: bool = False           # Apache: the site says Listen for its ports beyond ports.conf's
 
 
 def proxy_site(settings: Settings, shape: SiteShape) -> str:
@@ -73,7 +74,20 @@ def apache_site(settings: Settings, shape: SiteShape) -> str:
                      for listen in proxy.listen)
     return render("apache-site.conf", app=settings.app, upstream=upstream_name(settings.app),
                   stamp=stamp(settings, shape.active), active=shape.active.apache,
-                  backup=backup, hosts=hosts, server_name=server_name)
+                  backup=backup, hosts=hosts, server_name=server_name,
+                  listen=apache_listens(settings) if shape.listens else "")
+
+
+def apache_listens(settings: Settings) -> str:
+    """Listen for each port but Debian's (ports.conf: 80, and 443 with mod_ssl), once, whichever
+    site says it first: Apache refuses a second Listen for one address and port."""
+    lines = []
+    for listen in settings.proxy.listen:
+        if listen.port in (80, 443) and listen.address is None:
+            continue
+        name = "fabdeploy_listen_" + re.sub(r"\W", "_", listen.nginx)
+        lines.append(f"<IfDefine !{name}>\n    Define {name}\n    Listen {listen.nginx}\n</IfDefine>\n")
+    return "".join(lines)
 
 
 def nginx_site(settings: Settings, shape: SiteShape) -> str:

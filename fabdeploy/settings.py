@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "server": {
         "kind": "gunicorn",
         "workers": 2,
+        "threads": None,
         "worker_class": None,
         "asgi": False,
         "bind": None,
@@ -106,6 +107,9 @@ PROXY_DEFAULTS = {  # per proxy kind, for a proxy the deploy user runs itself
 PROVISION_PACKAGES = {"nginx": ["nginx", "python3", "python3-venv", "sudo"],
                       "apache": ["apache2", "python3", "python3-venv", "sudo"],
                       "none": ["python3", "python3-venv", "sudo"]}
+# What a server needs beside those: mod_wsgi is compiled on the server against its Apache
+# (and its serve script signals the daemons with pkill, from procps).
+SERVER_PACKAGES = {"mod_wsgi": ["apache2-bin", "apache2-dev", "gcc", "python3-dev", "media-types", "procps"]}
 
 
 # -- the typed settings ---------------------------------------------------------
@@ -138,6 +142,7 @@ class Listen:
 class ServerSettings:
     kind: str
     workers: int
+    threads: int | None          # mod_wsgi's threads per process (None: its default)
     worker_class: str
     asgi: bool
     bind: Bind | None
@@ -537,6 +542,7 @@ def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
     server = ServerSettings(
         kind=kind,
         workers=integer("server.workers", s["workers"], 1, 256),
+        threads=threads("server.threads", s["threads"], kind),
         worker_class=choice("server.worker_class", s["worker_class"] or ("uvicorn" if asgi else "sync"),
                             catalog.WORKERS),
         asgi=asgi,
@@ -556,7 +562,7 @@ def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
     provision = ProvisionSettings(
         user=name("provision.user", pv["user"], longest=32),
         public_key=None if pv["public_key"] is None else text("provision.public_key", pv["public_key"]),
-        packages=listing("provision.packages", pv["packages"] or PROVISION_PACKAGES[proxy_kind],
+        packages=listing("provision.packages", pv["packages"] or default_packages(proxy_kind, kind),
                          debian_package),
         database_clients=listing("provision.database_clients", pv["database_clients"], database_client))
     wsgi = text("wsgi", v["wsgi"] or f"{app.replace('-', '_')}:create_app()", allow_empty=False)
@@ -690,6 +696,20 @@ def timer_specs(key: str, raw: Any) -> tuple[Timer, ...]:
                                                f"'*-*-* 03:00:00', not {calendar!r}")
         timers.append(Timer(name, command, calendar))
     return tuple(timers)
+
+
+def threads(key: str, value: Any, kind: str) -> int | None:
+    """Threads per process: mod_wsgi's only (waitress runs 4 threads per worker)."""
+    if value is None:
+        return None
+    if kind != "mod_wsgi":
+        raise fail(key, f"applies to server.kind mod_wsgi only, not {kind} (waitress runs 4 threads per worker)")
+    return integer(key, value, 1, 256)
+
+
+def default_packages(proxy_kind: str, server_kind: str) -> list[str]:
+    """What provision installs unless provision.packages says: the proxy's and the server's."""
+    return PROVISION_PACKAGES[proxy_kind] + SERVER_PACKAGES.get(server_kind, [])
 
 
 def health_path(key: str, value: Any) -> str:

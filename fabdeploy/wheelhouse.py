@@ -7,6 +7,8 @@ cached per set of requirements and platform, so a code-only change reuses it.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +18,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 from .build import Wheel, cache_dir
+from .catalog import BUILT_ON_SERVER
 from .errors import DeployError, tail
 from .model import HostFacts
 
@@ -80,15 +86,32 @@ def fetch(wheel: Wheel, packages: list[str], platform: Platform, cache: Path | N
     with lock:  # hosts with the same platform fetch once
         if not (folder / "COMPLETE").exists():
             download(wheel, packages, platform, folder)
-    return sorted(folder.glob("*.whl"))
+    return sorted(p for p in folder.iterdir() if p.name.endswith((".whl", SDIST)))
 
 
 def download(wheel: Wheel, packages: list[str], platform: Platform, folder: Path) -> None:
+    binary, source = built_here(packages)
+    tools = sorted({tool for p in source for tool in BUILT_ON_SERVER[project(p)]})
     tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-wheels-"))
+    pip(tmp, platform, ["--only-binary=:all:", *platform.pip_options(),
+                        str(wheel.path), *binary, *TOOLS, *tools])
+    if source:
+        # pip reads an sdist's metadata by running its setup.py, and mod_wsgi's asks apxs about
+        # Apache: true answers nothing, which is enough for metadata. It is compiled on the server.
+        pip(tmp, platform, ["--no-deps", "--no-binary=:all:", *source],
+            env={**os.environ, "APXS": shutil.which("true") or "/bin/true"})
+    (tmp / wheel.filename).unlink(missing_ok=True)  # the app's own wheel travels on its own
+    (tmp / "COMPLETE").write_text("")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.move(str(tmp), str(folder))  # COMPLETE arrives with the rest, never before
+
+
+def pip(tmp: Path, platform: Platform, args: list[str], env: dict | None = None) -> None:
+    """pip download into tmp; its failure, in one line."""
     argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-            "--only-binary=:all:", "--dest", str(tmp), *platform.pip_options(),
-            str(wheel.path), *packages, *TOOLS]
-    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            "--dest", str(tmp), *args]
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DeployError(f"fetching the dependencies' wheels for Python {platform.python} on "
@@ -96,11 +119,33 @@ def download(wheel: Wheel, packages: list[str], platform: Platform, folder: Path
                           hint="every dependency needs a wheel for the server; or set "
                                "wheelhouse: false to let the server install from PyPI",
                           detail=tail(result.stdout + result.stderr))
-    (tmp / wheel.filename).unlink(missing_ok=True)  # the app's own wheel travels on its own
-    (tmp / "COMPLETE").write_text("")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.move(str(tmp), str(folder))  # COMPLETE arrives with the rest, never before
+
+
+# -- packages built on the server ------------------------------------------------------------
+
+SDIST = ".tar.gz"
+
+
+def project(requirement: str) -> str:
+    return canonicalize_name(Requirement(requirement).name)
+
+
+def built_here(packages: list[str]) -> tuple[list[str], list[str]]:
+    """The packages fetched as wheels, and those that ship none (their sdist is fetched)."""
+    source = [p for p in packages if project(p) in BUILT_ON_SERVER]
+    return [p for p in packages if p not in source], source
+
+
+def unbuilt(shipped: list[Path], facts: HostFacts) -> list[Path]:
+    """The shipped sdists the server's wheelhouse has no wheel of yet, for its Python and machine."""
+    tag = "cp" + facts.python.replace(".", "")
+    found = []
+    for sdist in (p for p in shipped if p.name.endswith(SDIST)):
+        name, _, version = sdist.name[: -len(SDIST)].rpartition("-")
+        stem = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-{tag}-"
+        if not any(w.lower().startswith(stem) and w.endswith(f"_{facts.machine}.whl") for w in facts.wheelhouse):
+            found.append(sdist)
+    return found
 
 
 def tool_wheel(wheels: list[Path], name: str) -> Path | None:

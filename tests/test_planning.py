@@ -109,6 +109,9 @@ BAD_VALUES = [
     ("server.public_bind", {"server": {"public_bind": "$(id):80"}}),
     ("server.workers", {"server": {"workers": "2; id"}}),
     ("server.timeout", {"server": {"timeout": -1}}),
+    ("server.threads", {"server": {"kind": "mod_wsgi", "threads": 0}}),
+    ("server.threads", {"server": {"kind": "mod_wsgi", "threads": "4; id"}}),
+    ("server.threads", {"server": {"kind": "gunicorn", "threads": 4}}),  # mod_wsgi's only
     ("keep_releases", {"keep_releases": 1}),
     ("init_command", {"init_command": "init-db\nid"}),
     ("packages", {"packages": ["flask; id"]}),
@@ -178,6 +181,14 @@ def test_a_bad_value_is_refused_at_load_naming_its_key(key, given):
      and s.for_host("root", "db1", None).role == "database" and s.for_host("deploy", "web1", None).role == "app"),
     ({"provision": {"database_clients": ["10.1.2.3/16", "samenet", "fd00::/8"]}},
      lambda s: s.provision.database_clients == ("10.1.0.0/16", "samenet", "fd00::/8")),
+    ({"server": {"kind": "mod_wsgi", "threads": 8}}, lambda s: (s.server.kind, s.server.threads) == ("mod_wsgi", 8)),
+    ({"server": {"kind": "mod_wsgi"}}, lambda s: s.server.threads is None),
+    # provision installs what building mod_wsgi on the server takes, unless told otherwise
+    ({"server": {"kind": "mod_wsgi"}, "proxy": {"kind": "apache"}},
+     lambda s: s.provision.packages == ("apache2", "python3", "python3-venv", "sudo", "apache2-bin",
+                                        "apache2-dev", "gcc", "python3-dev", "media-types", "procps")),
+    ({"server": {"kind": "mod_wsgi"}, "provision": {"packages": ["nginx"]}},
+     lambda s: s.provision.packages == ("nginx",)),
 ])
 def test_good_values_are_kept(given, read):
     assert read(settings(**given))
@@ -501,6 +512,7 @@ def test_platform_tags_cover_every_glibc_the_server_accepts():
     ({"server": {"asgi": True}}, ["gunicorn", "uvicorn-worker"]),
     ({"server": {"kind": "waitress"}, "packages": ["psycopg"]}, ["waitress", "psycopg"]),
     ({"server": {"kind": "uwsgi"}}, ["pyuwsgi"]),
+    ({"server": {"kind": "mod_wsgi"}}, ["mod_wsgi"]),
 ])
 def test_each_server_installs_what_it_needs(given, wanted):
     assert servers.packages(settings(**given)) == wanted
