@@ -161,6 +161,9 @@ def check_server(t: Target) -> None:
         raise DeployError(what, t.host.name, hint=hint)
     if t.provisioned:
         check_registration(t)
+    elif t.settings.tls.enabled:
+        raise DeployError("tls needs a provisioned host: root installs the certificate and the site",
+                          t.host.name, hint="run fab -H root@<host> provision, with this fabric.yaml")
 
 
 def check_registration(t: Target) -> None:
@@ -291,6 +294,19 @@ def install(t: Target) -> list[Op]:
             plan.compile_bytecode(t.layout, t.release, like)]
 
 
+def link_static(t: Target) -> list[Op]:
+    """The release's static folders, for nginx, and the release it replaces (whose pages
+    may still ask for their own files). A rollback links its target to the one it leaves."""
+    ops: list[Op] = [plan.static_links(t.settings, t.layout, t.release)]
+    if t.current and t.current != t.release:
+        ops.append(plan.previous_link(t.layout, t.release, t.current))
+    return ops
+
+
+def serves_static(t: Target) -> bool:
+    return bool(t.settings.static) and not t.unchanged
+
+
 def write_secret(t: Target) -> list[Op]:
     """config.py with a new SECRET_KEY once; later deploys keep it."""
     if t.facts.config_exists:
@@ -359,7 +375,7 @@ def start(t: Target) -> list[Op]:
 
 def site_shape(t: Target, active: Bind, backup: Bind | None) -> render.SiteShape:
     preview = t.settings.proxy.kind == "nginx" and active.is_unix
-    return render.SiteShape(release=t.release, active=active, backup=backup,
+    return render.SiteShape(release=t.release, active=active, backup=backup, root=t.layout.root,
                             preview_map=t.layout.preview_map if preview else None,
                             next_socket=t.layout.next_socket if preview else None)
 
@@ -691,6 +707,7 @@ INSTALL = (
     Step("upload", upload),
     Step("venv", create_venv),
     Step("install", install),
+    Step("static", link_static, when=serves_static, printed=False),
     Step("secret", write_secret),
     Step("init", initialise),
     Step("configure", configure),
@@ -726,5 +743,6 @@ def pick_target(t: Target) -> None:
 ROLLBACK_PREPARE = (CONNECT, LOCK,
                     Step("repair", repair, when=half_switched, done=say_repaired, printed=False),
                     Step("pick", pick_target, remote=False, printed=False),
+                    Step("static", link_static, when=serves_static, printed=False),
                     Step("configure", configure_rollback), Step("start", start))
 UNLOCK = (Step("unlock", lambda t: [plan.unlock(t.layout)], done=unlocked, printed=False),)
