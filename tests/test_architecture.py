@@ -8,7 +8,7 @@ ROOMS = [  # top to bottom, as docs/architecture.md lists them
     {"fleet", "hostinfo"},
     {"phases"},
     {"remote", "session"},
-    {"plan", "render", "servers", "provisioning", "wheelhouse", "ops", "scaffold"},
+    {"plan", "render", "servers", "provisioning", "certs", "wheelhouse", "ops", "scaffold"},
     {"settings", "project", "build", "buildenv"},
     {"model", "catalog", "layout", "secret", "errors", "onhost"},
 ]
