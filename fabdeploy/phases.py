@@ -119,6 +119,9 @@ def lock_info(t: Target) -> dict:
 def locked(t: Target, results: dict) -> None:
     """After the lock: a host that cannot take a deploy stops here, before anything changed."""
     t.learn(results["facts"])
+    # The agent took the lock unless it found a problem: ours from now on, so that a host
+    # refused below (say, for settings provision must install first) is unlocked again.
+    t.locked = bool(t.facts.locked)
     check_server(t)
     if t.host.dry_run:
         return

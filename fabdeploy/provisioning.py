@@ -367,6 +367,16 @@ def tls_after_site(settings: Settings, facts: RootFacts) -> list[Step]:
     return found
 
 
+def access_log_steps(settings: Settings) -> list[Step]:
+    """The app's access log, made as Debian's logrotate makes it (nginx would make it 0644:
+    a log of every visitor's address and URL, readable by every user of the host)."""
+    if settings.proxy.kind != "nginx":
+        return []
+    log = SystemPaths(settings.app).access_log
+    return [checked(f"access log {log}", f"[ \"$(stat -c %U:%G:%a {quote(log)})\" = www-data:adm:640 ]",
+                    f"touch {quote(log)} && chown www-data:adm {quote(log)} && chmod 0640 {quote(log)}")]
+
+
 def reload_if_running(settings: Settings) -> str:
     """After a new certificate: the proxy reloads (if it runs yet) to serve it."""
     service = "apache2" if settings.proxy.kind == "apache" else "nginx"
@@ -400,6 +410,7 @@ def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> l
             release="", active=Bind.tcp(settings.server.bind.host, port), backup=other, ipv6=facts.ipv6,
             root=root, system=True))
         found.append(installed(f"site variant {variant}", Install(variant, text)))
+    found += access_log_steps(settings)
     found.append(installed(f"site {paths.site(kind)}",
                            Install(paths.site(kind), render.proxy_site(settings, shape),
                                    test=test, after=reload)))
