@@ -289,12 +289,14 @@ def create_venv(t: Target) -> list[Op]:
 
 
 def install(t: Target) -> list[Op]:
-    """The wheel and its dependencies into the venv, byte-compiled before anything runs."""
+    """The wheel and its dependencies into the venv, byte-compiled before anything runs;
+    its static folders linked for nginx."""
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
     like = t.current if t.facts.current_release else None
     return [plan.Sh(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
                     what="installing the wheel"),
-            plan.compile_bytecode(t.layout, t.release, like)]
+            plan.compile_bytecode(t.layout, t.release, like),
+            *(link_static(t) if t.settings.static else [])]
 
 
 def link_static(t: Target) -> list[Op]:
@@ -307,7 +309,7 @@ def link_static(t: Target) -> list[Op]:
 
 
 def serves_static(t: Target) -> bool:
-    return bool(t.settings.static) and not t.unchanged
+    return bool(t.settings.static)
 
 
 def write_secret(t: Target) -> list[Op]:
@@ -710,7 +712,6 @@ INSTALL = (
     Step("upload", upload),
     Step("venv", create_venv),
     Step("install", install),
-    Step("static", link_static, when=serves_static, printed=False),
     Step("secret", write_secret),
     Step("init", initialise),
     Step("configure", configure),
