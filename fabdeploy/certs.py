@@ -67,7 +67,7 @@ def certbot_argv(settings: Settings) -> list[str]:
 # lineage has exactly these names from this server and the site's files are links to it;
 # "issue" makes it so (a new server needs a new certificate, so it forces one).
 ACME = r"""
-import json, os, subprocess, sys
+import json, os, re, subprocess, sys
 mode, folder, live, renewal, wanted = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
 argv = json.loads(sys.argv[6])
 def lineage():
@@ -75,10 +75,9 @@ def lineage():
         values = dict(line.split(" = ", 1) for line in open(renewal).read().splitlines() if " = " in line)
     except OSError:
         return None
-    ext = subprocess.run(["openssl", "x509", "-in", live + "/cert.pem", "-noout", "-ext", "subjectAltName"],
-                         capture_output=True, text=True).stdout
-    names = sorted(p.strip()[4:] for p in ext.split("\n", 1)[-1].split(",") if p.strip().startswith("DNS:"))
-    return values.get("server"), names
+    text = subprocess.run(["openssl", "x509", "-in", live + "/cert.pem", "-noout", "-text"],
+                          capture_output=True, text=True).stdout
+    return values.get("server"), sorted(set(re.findall(r"DNS:([^,\s]+)", text)))
 def linked():
     return all(os.path.islink(os.path.join(folder, f)) and os.readlink(os.path.join(folder, f)) == os.path.join(live, f)
                for f in ("fullchain.pem", "privkey.pem"))
