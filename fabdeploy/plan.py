@@ -121,9 +121,9 @@ def static_links(settings: Settings, layout: Layout, release: str) -> Sh:
     an auto folder is linked where the release has it, a configured one must be there.
     """
     module = settings.instance_name.replace(".", "/")
-    parent = module.rpartition("/")[0]
+    parent = "/" + quote(module.rpartition("/")[0]) if "/" in module else ""
     lines = [f"cd {quote(layout.release(release))}", "set -- venv/lib/python*/site-packages",
-             f'if [ -d "$1/{module}" ]; then pkg="$1/{module}"; else pkg="$1{"/" + parent if parent else ""}"; fi']
+             f'if [ -d "$1/"{quote(module)} ]; then pkg="$1/"{quote(module)}; else pkg="$1"{parent}; fi']
     for folder in settings.static:
         link = "public" + folder.prefix
         up = "../" * folder.prefix.count("/")

@@ -240,10 +240,10 @@ def target(s=None, **fact_values) -> ph.Target:
 
 @pytest.mark.parametrize("given, wsgi, wanted", [
     ({}, "guestbook:create_app()",
-     ['if [ -d "$1/guestbook" ]; then pkg="$1/guestbook"; else pkg="$1"; fi',
+     ['if [ -d "$1/"guestbook ]; then pkg="$1/"guestbook; else pkg="$1"; fi',
       'if [ -d "$pkg/"static ]; then mkdir -p public && ln -sfn "../$pkg/"static public/static; fi']),
     ({"static": {"/assets/img": "build/img"}}, "shop.web:app",
-     ['if [ -d "$1/shop/web" ]; then pkg="$1/shop/web"; else pkg="$1/shop"; fi',
+     ['if [ -d "$1/"shop/web ]; then pkg="$1/"shop/web; else pkg="$1"/shop; fi',
       'if [ -d "$pkg/"build/img ]; then mkdir -p public/assets && ln -sfn "../../$pkg/"build/img public/assets/img;'
       ' else echo "static: /assets/img -> build/img: no such folder in $pkg" >&2; exit 1; fi']),
 ])
@@ -251,6 +251,11 @@ def test_each_release_links_its_packages_static_folders(given, wsgi, wanted):
     s = settings(wsgi=wsgi, **given)
     command = plan.static_links(s, Layout(ROOT), "R2").cmd
     assert command == " && ".join([f"cd {ROOT}/releases/R2", "set -- venv/lib/python*/site-packages", *wanted])
+
+
+def test_a_wsgi_module_reaches_the_shell_quoted():
+    command = plan.static_links(settings(wsgi="app$(id):create()"), Layout(ROOT), "R2").cmd
+    assert """if [ -d "$1/"'app$(id)' ]; then pkg="$1/"'app$(id)'; else pkg="$1"; fi""" in command
 
 
 def test_a_release_links_the_one_it_replaces_and_a_rollback_the_one_it_leaves():
