@@ -65,13 +65,14 @@ def demo(c):
             "backends": "also a code-change redeploy per build backend (setuptools, flit_core, hatchling)",
             "peers": "also pyinfra and Ansible doing the same job (installs them once; takes minutes)",
             "fleet_rtt": "round-trip times in ms for the fleet, each host behind its own relay",
+            "static": "also a static file's throughput from nginx and from gunicorn, side by side",
             "write": "also write the report to this file, e.g. docs/benchmarks.md"})
-def bench(c, runs=5, fleet="1,5,20", rtt="", backends=False, peers=False, fleet_rtt="", write=""):
+def bench(c, runs=5, fleet="1,5,20", rtt="", backends=False, peers=False, fleet_rtt="", static=False, write=""):
     """Time fabdeploy against a hand-written fabfile on throwaway hosts; print ratios."""
     argv = ["bench/bench.py", "--runs", str(int(runs)), "--fleet", fleet]
     for option, value in (("--rtt", rtt), ("--fleet-rtt", fleet_rtt), ("--write", write)):
         argv += [option, value] if value else []
-    argv += (["--backends"] if backends else []) + (["--peers"] if peers else [])
+    argv += (["--backends"] if backends else []) + (["--peers"] if peers else []) + (["--static"] if static else [])
     c.run(shlex.join([sys.executable, *argv]), pty=False, in_stream=False)
 
 

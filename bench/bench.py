@@ -6,20 +6,24 @@ run by run, and prints medians and ratios. Run it with `./dev bench`.
 and runs every scenario at each round-trip time; `--backends` times a
 code-change redeploy per build backend with fabdeploy as a user installs it;
 `--peers` times pyinfra and Ansible doing the baseline's job (bench/peers/);
-`--fleet-rtt` runs the fleet with each host behind a relay of its own.
+`--fleet-rtt` runs the fleet with each host behind a relay of its own;
+`--static` serves a static file from nginx and from gunicorn, side by side.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import itertools
 import json
 import os
 import platform
 import shutil
 import statistics
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
@@ -370,6 +374,67 @@ def fleet(sizes: list[int], runs: int, workdir: Path,
     return results
 
 
+STATIC_PATH = "/static/style.css"
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+def requests_per_second(connect, count: int, threads: int) -> float:
+    """count GETs of STATIC_PATH from `threads` clients, each on a keep-alive connection where the
+    server keeps one (gunicorn's sync workers close after every answer)."""
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        conn = None
+        for _ in range(n):
+            conn = conn or connect()
+            conn.request("GET", STATIC_PATH)
+            response = conn.getresponse()
+            if response.read() and response.status != 200:
+                errors.append(str(response.status))
+            if response.will_close:
+                conn.close()
+                conn = None
+        if conn:
+            conn.close()
+    workers = [threading.Thread(target=client, args=(count // threads,)) for _ in range(threads)]
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise AssertionError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return count // threads * threads / (time.monotonic() - started)
+
+
+def static_files(workdir: Path, rounds: int = 3, count: int = 4000, threads: int = 4) -> str:
+    """One line: the example's stylesheet from nginx and from gunicorn alone, rounds alternated."""
+    with throwaway_host("fabdeploy-bench-static-") as host:
+        project = Project(workdir / "static" / "guestbook", host)
+        project.fab("deploy")
+        size = len(urllib.request.urlopen(host.url.rstrip("/") + STATIC_PATH, timeout=10).read())
+        socket_path = str(project.deploy_to / "shared" / "run" / "live.sock")
+        servers = {"nginx": lambda: http.client.HTTPConnection("127.0.0.1", host.http_port, timeout=10),
+                   "gunicorn": lambda: UnixHTTPConnection(socket_path)}
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for n in range(rounds):
+            for name in alternate(tuple(servers), n):
+                rates[name].append(requests_per_second(servers[name], count, threads))
+    nginx, gunicorn = median(rates["nginx"]), median(rates["gunicorn"])
+    return (f"Static file {STATIC_PATH} ({size} bytes), {threads} clients, median of {rounds} rounds: "
+            f"nginx {nginx:.0f} req/s, gunicorn alone on its socket (2 sync workers) {gunicorn:.0f} req/s: "
+            f"nginx {nginx / gunicorn:.1f}x")
+
+
 def share_login(hosts: list[LocalHost], workdir: Path) -> None:
     """Let the first host's key log in everywhere, and trust every host's key."""
     public = subprocess.run(["ssh-keygen", "-y", "-f", str(hosts[0].key_file)], capture_output=True,
@@ -519,8 +584,10 @@ def fleet_table(fleet_times: dict[tuple[int | None, int], list[float]]) -> list[
 
 
 def report(bench: Bench | None, fleet_times: dict, runs: int, rtts: list[int] | None = None,
-           backends: dict[str, Bench] | None = None, peers: bool = False) -> str:
+           backends: dict[str, Bench] | None = None, peers: bool = False, static: str = "") -> str:
     lines = [f"Machine: {machine()}", f"Runs per scenario: {runs} (tools alternated run by run)"]
+    if static:
+        lines += ["", static]
     if bench and runs:
         lines += ["", *(distance_table(bench, rtts) if rtts else single_host_table(bench))]
     if backends:
@@ -550,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pyinfra and Ansible doing the same job (installs them once; takes minutes)")
     parser.add_argument("--fleet-rtt", default="", help="round-trip times in ms for the fleet, each host "
                         "behind a relay of its own (default: direct)")
+    parser.add_argument("--static", action="store_true",
+                        help="a static file's throughput from nginx and from gunicorn, side by side")
     parser.add_argument("--write", help="also write the report to this Markdown file")
     args = parser.parse_args(argv)
     sizes = numbers(args.fleet)
@@ -571,10 +640,11 @@ def main(argv: list[str] | None = None) -> int:
                     run_peers(bench, rtts or [None], extra_runs, workdir / "peers")
                 if args.backends:
                     backends = run_backends(host, rtts or [None], extra_runs, workdir / "backends")
+        static = static_files(workdir) if args.static else ""
         fleet_times = fleet(sizes, max(1, args.runs // 2), workdir, fleet_rtts) if sizes else {}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = report(bench, fleet_times, args.runs, rtts, backends, args.peers)
+    text = report(bench, fleet_times, args.runs, rtts, backends, args.peers, static)
     print(text)
     if args.write:
         Path(args.write).write_text("# Benchmarks\n\nWritten by `./dev bench --write`.\n\n" + text + "\n")

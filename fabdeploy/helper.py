@@ -13,6 +13,8 @@ from its caller, and accepts only these verbs, each argument checked:
   reload                                      HUP the releases that run (rotate-secret)
   route-tcp PORT                              the site variant for PORT, tested and reloaded
   audit                                       append the JSON object on stdin to root's audit log
+  access-log LINES [follow]                   the proxy's access log for the app (last LINES lines)
+  renewed                                     root only (certbot's deploy hook): test, reload the proxy
 
 Nothing it reads or runs is writable by the deploy user: the units and the
 site are root's files, and release names are digits and dashes.
@@ -222,9 +224,40 @@ def audit(reg, args):
         os.close(fd)
 
 
+def access_log(reg, args):
+    """The app's access log, which the deploy user may not read itself (/var/log/nginx is root's)."""
+    lines = int(args[0]) if args[0].isdigit() else 0
+    if not 1 <= lines <= 100000:
+        raise Refused("not a line count from 1 to 100000: %r" % args[0])
+    if args[1:] not in ([], ["follow"]):
+        raise Refused("the second argument may only be follow, not %r" % args[1])
+    path = reg.get("access_log")
+    if not path:
+        raise Refused("%s has no access log of fabdeploy's (proxy: %s)" % (reg["app"], reg["proxy"]))
+    sys.stdout.flush()
+    argv = ["tail", "-n", str(lines)] + (["-F"] if args[1:] else []) + ["--", path]
+    os.execvp("tail", argv)  # root's record names the file: nothing of the caller's is opened
+
+
+def renewed(reg, args):
+    """A certificate changed: the proxy tests its configuration and reloads, if it runs."""
+    if os.environ.get("SUDO_UID") is not None:
+        raise Refused("renewed is certbot's (root's) to call")
+    proxy = reg["proxy"]
+    service = "apache2" if proxy == "apache" else "nginx"
+    if systemctl("is-active", "--quiet", service, check=False).returncode:
+        return
+    run_shell("nginx -t -q" if proxy == "nginx" else "apache2ctl configtest")
+    if proxy == "nginx":
+        reload_nginx("systemctl reload nginx", "/run/nginx.pid")
+    else:
+        run_shell("systemctl reload apache2")
+
+
 VERBS = {"start": (start, 1, 1), "stop": (stop, 1, 1), "retire": (retire, 1, 1),
          "reset-failed": (reset_failed, 1, 1), "enable": (enable, 1, 1), "keep": (keep, 1, 2),
-         "reload": (reload, 0, 0), "route-tcp": (route_tcp, 1, 1), "audit": (audit, 0, 0)}
+         "reload": (reload, 0, 0), "route-tcp": (route_tcp, 1, 1), "audit": (audit, 0, 0),
+         "access-log": (access_log, 1, 2), "renewed": (renewed, 0, 0)}
 
 
 def main(argv):

@@ -4,13 +4,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+from shlex import quote
 
 from . import database, plan, processes, provisioning, render, secret
 from . import phases as ph
 from .errors import DeployError
 from .fleet import Printer, run_ops, run_steps
+from .layout import HELPER, SystemPaths
 from .model import Bind
-from .ops import Phase, Read, Tail, Write
+from .ops import Helper, Phase, Read, Tail, Write
 from .phases import Target
 
 
@@ -137,8 +139,10 @@ def status_text(info: dict) -> str:
             (f"\n  failed   {', '.join(info['failed'])}" if info["failed"] else ""))
 
 
-def logs(t: Target, lines: int, follow: bool) -> None:
+def logs(t: Target, lines: int, follow: bool, access: bool = False) -> None:
     read(t)
+    if access:
+        return access_log(t, lines, follow)
     print(f"==> {t.host.name}: {t.layout.app_log}", flush=True)
     if follow:
         # Streams straight through, with a pty: the ^C reaches tail, which ends, and so does fab.
@@ -148,6 +152,26 @@ def logs(t: Target, lines: int, follow: bool) -> None:
     text = run_ops(t, "logs", [Tail(t.layout.app_log, lines, key="log", what="reading the app's log")])["log"]
     if text:
         print(text, flush=True)
+
+
+def access_log(t: Target, lines: int, follow: bool) -> None:
+    """nginx's log of the app's requests: root's (through the helper) on a provisioned host."""
+    if t.settings.proxy.kind != "nginx":
+        raise DeployError(f"fab logs --access reads nginx's log (proxy.kind is {t.settings.proxy.kind})",
+                          t.host.name)
+    if not t.provisioned:
+        raise DeployError("fab logs --access reads the log of root's site: where the deploy user runs nginx,"
+                          " its own access_log is the app's", t.host.name)
+    path = SystemPaths(t.settings.app).access_log
+    op = Helper(t.settings.app, ("access-log", str(lines)), key="log", what="reading the access log")
+    command = f"sudo -n {HELPER} {quote(t.settings.app)} access-log {lines} follow"
+    print(f"==> {t.host.name}: {path}", flush=True)
+    if follow:
+        t.host.stream(command, pty=True)
+        return
+    text = run_ops(t, "logs", [op])["log"]
+    if text:
+        print(text.rstrip("\n"), flush=True)
 
 
 # -- provision ----------------------------------------------------------------------------

@@ -96,6 +96,14 @@ class Layout:
     def failed_marker(self, name: str) -> str:
         return self._join("releases", name, "FAILED")
 
+    def public(self, name: str) -> str:
+        """Links to the release's static folders, one per URL prefix: what nginx serves."""
+        return self._join("releases", name, "public")
+
+    def previous(self, name: str) -> str:
+        """A link to the release this one replaced: nginx serves its static files too."""
+        return self._join("releases", name, "previous")
+
     def bind_file(self, name: str) -> str:
         """Where the release's server listens, for the next switch to know."""
         return self._join("releases", name, "BIND")
@@ -255,6 +263,26 @@ class SystemPaths:
     def audit_log(self) -> str:
         """Root's record of every deploy: the deploy user appends through the helper only."""
         return f"/var/log/fabdeploy/{self.app}/audit.jsonl"
+
+    @property
+    def access_log(self) -> str:
+        """nginx's access log for the app (Debian's logrotate rotates /var/log/nginx/*.log)."""
+        return f"/var/log/nginx/{self.app}.access.log"
+
+    @property
+    def tls_dir(self) -> str:
+        """The app's certificate and key, as the site names them: root's alone (0700)."""
+        return f"/etc/fabdeploy/tls/{self.app}"
+
+    @property
+    def acme_webroot(self) -> str:
+        """Where certbot puts http-01 challenges and nginx serves them from: root's, not deploy_to."""
+        return f"/var/lib/fabdeploy/acme/{self.app}"
+
+    @property
+    def trusted_ca(self) -> str:
+        """tls.ca, in the host's trust store (certbot reads it there, its timer too)."""
+        return f"/usr/local/share/ca-certificates/fabdeploy-{self.app}.crt"
 
     @property
     def logrotate(self) -> str:

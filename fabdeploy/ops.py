@@ -287,17 +287,20 @@ class Health(Op):
     unit: str | None = None
     log: str | None = None           # on failure, return this log's lines since `marker`
     marker: str | None = None
+    tls: bool = False                # over HTTPS, naming host_header (the proxy's own loopback)
     kind = "health"
 
     def fields(self) -> dict:
         return {"target": self.target, "path": self.path, "timeout": self.timeout,
                 "host_header": self.host_header, "stamp": self.stamp, "preview_map": self.preview_map,
-                "pid_file": self.pid_file, "unit": self.unit, "log": self.log, "marker": self.marker}
+                "pid_file": self.pid_file, "unit": self.unit, "log": self.log, "marker": self.marker,
+                "tls": self.tls or None}
 
     def describe(self, results: dict | None = None) -> list[str]:
         via = f" with the preview token of {self.preview_map}" if self.preview_map else ""
         stamp = f", stamped {self.stamp}" if self.stamp else ""
-        return [f"would check {self.target}{self.path} answers 2xx within {self.timeout:g}s{via}{stamp}"]
+        scheme = "https://" if self.tls else ""
+        return [f"would check {scheme}{self.target}{self.path} answers 2xx within {self.timeout:g}s{via}{stamp}"]
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,7 @@ class Install(Op):
     validate: str | None = None
     test: str | None = None
     after: str | None = None
+    secret: bool = False             # a private key: its text is never shown
     kind = "install"
 
     def fields(self) -> dict:
@@ -437,7 +441,8 @@ class Install(Op):
 
     def describe(self, results: dict | None = None) -> list[str]:
         group = f", group {self.group}" if self.group else ""
-        lines = [f"would install {self.path} (mode {self.mode:o}{group}) if it differs:", *indented(self.text)]
+        head = f"would install {self.path} (mode {self.mode:o}{group}) if it differs"
+        lines = [f"{head} (secret: not shown)"] if self.secret else [f"{head}:", *indented(self.text)]
         return lines + [f"would run: {c}" for c in (self.validate, self.test, self.after) if c]
 
 

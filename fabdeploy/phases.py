@@ -138,6 +138,9 @@ def lock_info(t: Target) -> dict:
 def locked(t: Target, results: dict) -> None:
     """After the lock: a host that cannot take a deploy stops here, before anything changed."""
     t.learn(results["facts"])
+    # The agent took the lock unless it found a problem: ours from now on, so that a host
+    # refused below (say, for settings provision must install first) is unlocked again.
+    t.locked = bool(t.facts.locked)
     check_server(t)
     if t.host.dry_run:
         return
@@ -180,6 +183,9 @@ def check_server(t: Target) -> None:
         raise DeployError(what, t.host.name, hint=hint)
     if t.provisioned:
         check_registration(t)
+    elif t.settings.tls.enabled:
+        raise DeployError("tls needs a provisioned host: root installs the certificate and the site",
+                          t.host.name, hint="run fab -H root@<host> provision, with this fabric.yaml")
 
 
 def check_registration(t: Target) -> None:
@@ -303,13 +309,28 @@ def create_venv(t: Target) -> list[Op]:
 
 
 def install(t: Target) -> list[Op]:
-    """The wheel and its dependencies into the venv, byte-compiled before anything runs."""
+    """The wheel and its dependencies into the venv, byte-compiled before anything runs;
+    its static folders linked for nginx."""
     wheel = f"{t.layout.release(t.release)}/{t.wheel.filename}"
     like = t.current if t.facts.current_release else None
     return [*build_on_server(t),
             plan.Sh(plan.install(t.installer, t.layout, t.release, wheel, servers.packages(t.settings)),
                     what="installing the wheel"),
-            plan.compile_bytecode(t.layout, t.release, like)]
+            plan.compile_bytecode(t.layout, t.release, like),
+            *(link_static(t) if t.settings.static else [])]
+
+
+def link_static(t: Target) -> list[Op]:
+    """The release's static folders, for nginx, and the release it replaces (whose pages
+    may still ask for their own files). A rollback links its target to the one it leaves."""
+    ops: list[Op] = [plan.static_links(t.settings, t.layout, t.release)]
+    if t.current and t.current != t.release:
+        ops.append(plan.previous_link(t.layout, t.release, t.current))
+    return ops
+
+
+def serves_static(t: Target) -> bool:
+    return bool(t.settings.static)
 
 
 def build_on_server(t: Target) -> list[Op]:
@@ -412,7 +433,7 @@ def free_port(t: Target) -> list[Op]:
 
 def site_shape(t: Target, active: Bind, backup: Bind | None) -> render.SiteShape:
     preview = t.settings.proxy.kind == "nginx" and active.is_unix
-    return render.SiteShape(release=t.release, active=active, backup=backup,
+    return render.SiteShape(release=t.release, active=active, backup=backup, root=t.layout.root,
                             preview_map=t.layout.preview_map if preview else None,
                             next_socket=t.layout.next_socket if preview else None)
 
@@ -999,7 +1020,8 @@ def pick_target(t: Target) -> None:
 ROLLBACK_PREPARE = (CONNECT, LOCK,
                     Step("repair", repair, when=half_switched, done=say_repaired, printed=False),
                     Step("pick", pick_target, remote=False, printed=False))
-ROLLBACK_START = (Step("configure", configure_rollback), Step("start", start))
+ROLLBACK_START = (Step("static", link_static, when=serves_static, printed=False),
+                  Step("configure", configure_rollback), Step("start", start))
 UNLOCK = (Step("unlock", unlock, done=unlocked, printed=False, steady=True),)
 GUARD = Step("guard", guard, printed=False)
 RESTORE = (Step("restore", restore_db, done=restored),)

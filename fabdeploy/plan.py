@@ -17,7 +17,7 @@ from .render import NEXT
 from .model import Bind, Problem
 from .ops import (Audit, Compile, Facts, Guard, Health, Helper, Link, Lock, Mkdir, Op, Query, Remove,
                   Rename, Sh, Trash, Unlock, Write)
-from .settings import Settings
+from .settings import Listen, Settings
 
 PROXY_PROGRAMS = {  # what the agent looks for, and the problem it reports without it
     "nginx": {"program": "nginx", "problem": Problem.NO_NGINX.value},
@@ -139,6 +139,36 @@ def compile_bytecode(layout: Layout, release: str, like: str | None) -> Compile:
     """Byte-compile the release's venv, reusing `like`'s bytecode where the source is the same."""
     return Compile(layout.venv(release) + "/bin/python", layout.venv(like) if like else None,
                    what="byte-compiling the release")
+
+
+def static_links(settings: Settings, layout: Layout, release: str) -> Sh:
+    """The release's public/<prefix> links to its package's static folders, which nginx serves.
+
+    The package is where Flask looks (the wsgi module's, or its package's, folder);
+    an auto folder is linked where the release has it, a configured one must be there.
+    """
+    module = settings.instance_name.replace(".", "/")
+    parent = "/" + quote(module.rpartition("/")[0]) if "/" in module else ""
+    lines = [f"cd {quote(layout.release(release))}", "set -- venv/lib/python*/site-packages",
+             f'if [ -d "$1/"{quote(module)} ]; then pkg="$1/"{quote(module)}; else pkg="$1"{parent}; fi']
+    for folder in settings.static:
+        link = "public" + folder.prefix
+        up = "../" * folder.prefix.count("/")
+        make = (f"mkdir -p {quote(link.rsplit('/', 1)[0])}"
+                f' && ln -sfn "{up}$pkg/"{quote(folder.folder)} {quote(link)}')
+        if folder.required:
+            lines.append(f'if [ -d "$pkg/"{quote(folder.folder)} ]; then {make};'
+                         f" else echo \"static: {folder.prefix} -> {folder.folder}: no such folder in"
+                         f' $pkg\" >&2; exit 1; fi')
+        else:
+            lines.append(f'if [ -d "$pkg/"{quote(folder.folder)} ]; then {make}; fi')
+    return Sh(" && ".join(lines), what="linking the static files",
+              hint="fix fabdeploy.static, or the package's data (its static files must be in the wheel)")
+
+
+def previous_link(layout: Layout, release: str, previous: str) -> Link:
+    """releases/<release>/previous -> ../<previous>: nginx serves the static files of both."""
+    return Link(layout.previous(release), f"../{previous}", what="linking the previous release")
 
 
 def link_instance(settings: Settings, layout: Layout, release: str) -> str:
@@ -310,8 +340,11 @@ def health_via_proxy(settings: Settings, stamp: str, timeout: float, preview_map
     then routes it to shared/run/next.sock.
     """
     proxy = settings.proxy
-    return Health(proxy.listen[0].probe, settings.health_path, timeout, host_header=proxy.host_header,
-                  stamp=stamp, preview_map=preview_map,
+    listen = proxy.listen[0]
+    if settings.tls.enabled:  # plain HTTP only redirects: ask where visitors are sent
+        listen = Listen(settings.tls.port, listen.address)
+    return Health(listen.probe, settings.health_path, timeout, host_header=proxy.host_header,
+                  stamp=stamp, preview_map=preview_map, tls=settings.tls.enabled,
                   what=f"health check through {proxy.kind}")
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from shlex import quote
 
-from . import onhost, processes, render
+from . import certs, onhost, processes, render
 from .errors import DeployError
 from .layout import HELPER, Layout, SystemPaths
 from .model import Bind
@@ -32,7 +32,7 @@ OUR_RULE = re.compile(rf"^\(root\) NOPASSWD: {re.escape(HELPER)} [a-z_][a-z0-9_-
 SUDO_GROUPS = ("sudo", "admin", "wheel")
 HELPER_VERSION = 1
 # Kept in the record for the helper and for people, but a change needs no new provision.
-NOT_COMPARED = {"version", "ipv6", "server", "app", "user", "site", "audit_log"}
+NOT_COMPARED = {"version", "ipv6", "server", "app", "user", "site", "audit_log", "access_log"}
 
 
 def public_key(settings: Settings, key_filename: str | list | None) -> str:
@@ -79,8 +79,24 @@ def registration(settings: Settings, user: str, ipv6: bool, home: str | None = N
         "ipv6": ipv6,
         "site": paths.site(settings.proxy.kind) if settings.proxy.enabled else None,
         "audit_log": paths.audit_log,
+        # issue 13: what the site serves besides the app, and how
+        "tls": tls_record(settings),
+        "static": [folder.prefix for folder in settings.static],
+        "extra": settings.proxy.extra.record(),
+        "access_log": paths.access_log if settings.proxy.kind == "nginx" else None,
         **processes_registered(settings),
     }
+
+
+def tls_record(settings: Settings) -> dict | None:
+    """The tls settings root bakes in (not the local files' paths: the deploying machine's own)."""
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    record = {"mode": tls.mode, "port": tls.port, "hsts": tls.hsts}
+    if tls.acme:
+        record.update(directory=tls.directory, email=tls.email)
+    return record
 
 
 def processes_registered(settings: Settings) -> dict:
@@ -350,7 +366,9 @@ def steps(settings: Settings, user: str, key: str, facts: RootFacts, replace: bo
     found.append(installed(f"sudo rule {paths.sudoers}",
                            Install(paths.sudoers, sudoers(settings, user), mode=0o440,
                                    validate="visudo -cqf {}")))
+    found += tls_before_site(settings)
     found += proxy_steps(settings, user, root, facts)
+    found += tls_after_site(settings, facts)
     return found
 
 
@@ -415,6 +433,64 @@ if old:
 print("changed" if old else "unchanged")
 """
     return f"python3 -c {quote(script)}"
+# -- HTTPS (issue 13): root's certificate and key, before the site names them; ACME after it ------
+
+def tls_before_site(settings: Settings) -> list[Step]:
+    """The folder the site names its certificate in, and what goes in it before the site does."""
+    tls = settings.tls
+    if not tls.enabled:
+        return []
+    paths = SystemPaths(settings.app)
+    folder = quote(paths.tls_dir)
+    found = [checked(f"TLS folder {paths.tls_dir}", f"[ -d {folder} ] && [ ! -L {folder} ]"
+                     f" && [ \"$(stat -c %U:%a {folder})\" = root:700 ]",
+                     f"install -d -m 0755 /etc/fabdeploy/tls && install -d -m 0700 -o root -g root {folder}")]
+    if settings.proxy.kind == "apache":
+        found.append(checked("Apache modules ssl http2", "a2query -q -m ssl && a2query -q -m http2",
+                             "a2enmod -q ssl http2"))
+    if tls.mode == "manual":
+        found.append(installed(f"certificate {certs.bundle_path(settings)}", Install(
+            certs.bundle_path(settings), certs.bundle(settings), mode=0o600, secret=True,
+            validate=certs.PAIR_CHECK, after=reload_if_running(settings))))
+        return found
+    webroot = quote(paths.acme_webroot)
+    found.append(checked(f"ACME webroot {paths.acme_webroot}", f"[ -d {webroot} ]",
+                         f"install -d -m 0755 /var/lib/fabdeploy /var/lib/fabdeploy/acme {webroot}"))
+    if tls.ca:
+        found.append(installed(f"trusted CA {paths.trusted_ca}", Install(
+            paths.trusted_ca, certs.trusted_ca(settings), after="update-ca-certificates >/dev/null")))
+    found.append(checked("placeholder certificate until ACME's", *certs.placeholder(settings)))
+    return found
+
+
+def tls_after_site(settings: Settings, facts: RootFacts) -> list[Step]:
+    """With the site serving the challenge: the certificate from ACME, then its renewal timer."""
+    tls = settings.tls
+    if not tls.acme:
+        return []
+    names = " ".join(settings.proxy.server_name)
+    found = [checked(f"certificate for {names} from {tls.directory}", certs.acme_script(settings, "check"),
+                     f"{certs.acme_script(settings, 'issue')} && {certs.renew_hook(settings)}")]
+    if facts.systemd:  # without systemd, Debian's certbot package renews from cron
+        found.append(checked("certbot.timer enabled", "systemctl is-enabled certbot.timer"
+                             " && systemctl is-active certbot.timer", "systemctl enable --now certbot.timer"))
+    return found
+
+
+def access_log_steps(settings: Settings) -> list[Step]:
+    """The app's access log, made as Debian's logrotate makes it (nginx would make it 0644:
+    a log of every visitor's address and URL, readable by every user of the host)."""
+    if settings.proxy.kind != "nginx":
+        return []
+    log = SystemPaths(settings.app).access_log
+    return [checked(f"access log {log}", f"[ \"$(stat -c %U:%G:%a {quote(log)})\" = www-data:adm:640 ]",
+                    f"touch {quote(log)} && chown www-data:adm {quote(log)} && chmod 0640 {quote(log)}")]
+
+
+def reload_if_running(settings: Settings) -> str:
+    """After a new certificate: the proxy reloads (if it runs yet) to serve it."""
+    service = "apache2" if settings.proxy.kind == "apache" else "nginx"
+    return f"if systemctl is-active --quiet {service}; then {HELPER} {settings.app} renewed; fi"
 
 
 def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> list[Step]:
@@ -445,6 +521,7 @@ def proxy_steps(settings: Settings, user: str, root: str, facts: RootFacts) -> l
         text = render.proxy_site(settings, dataclasses.replace(
             shape, active=Bind.tcp(settings.server.bind.host, port), backup=other))
         found.append(installed(f"site variant {variant}", Install(variant, text)))
+    found += access_log_steps(settings)
     found.append(installed(f"site {paths.site(kind)}",
                            Install(paths.site(kind), render.proxy_site(settings, shape),
                                    test=test, after=reload)))
@@ -492,6 +569,8 @@ def other_web_server(settings: Settings, facts: RootFacts) -> list[Step]:
     operator's call. Anything else on those ports is refused too, by name.
     """
     ours, ports = WEB_SERVERS[settings.proxy.kind], {listen.port for listen in settings.proxy.listen}
+    if settings.tls.enabled:
+        ports.add(settings.tls.port)
     found: list[Step] = []
     for other, state in sorted(facts.web.items()):
         if other == ours:
@@ -525,9 +604,11 @@ def site_shape(settings: Settings, layout: Layout, ipv6: bool) -> render.SiteSha
     """The site of a provisioned host: over unix sockets it never changes with a release."""
     bind = settings.server.bind
     if bind is not None:
-        return render.SiteShape(release="", active=bind, backup=bind.next_port(), ipv6=ipv6, listens=True)
+        return render.SiteShape(release="", active=bind, backup=bind.next_port(), ipv6=ipv6, listens=True,
+                                root=layout.root, system=True)
     live = Bind.unix(layout.live_socket)
     preview = settings.proxy.kind == "nginx"
     return render.SiteShape(release="", active=live, backup=live, ipv6=ipv6, listens=True,
+                            root=layout.root, system=True,
                             preview_map=SystemPaths(settings.app).preview_map if preview else None,
                             next_socket=layout.next_socket if preview else None)

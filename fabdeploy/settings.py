@@ -66,7 +66,23 @@ DEFAULTS: dict[str, Any] = {
         "test_command": None,
         "reload_command": None,
         "pid_file": None,
+        # A small, validated set of additions to the generated site (issue 13).
+        "extra": {"client_max_body_size": None, "proxy_read_timeout": None, "headers": None,
+                  "locations": None},
     },
+    # HTTPS (issue 13): off, acme (certbot, http-01) or manual (your own certificate).
+    "tls": {
+        "mode": "off",
+        "port": 443,
+        "email": None,
+        "directory": "https://acme-v02.api.letsencrypt.org/directory",
+        "ca": None,
+        "cert": None,
+        "key": None,
+        "hsts": False,
+    },
+    # The app's static files, served by nginx: auto, off, or {url prefix: folder in the package}.
+    "static": "auto",
     "provision": {
         "user": "deploy",
         "public_key": None,
@@ -161,6 +177,7 @@ class ProxySettings:
     test_command: str
     reload_command: str
     pid_file: str
+    extra: "ProxyExtra" = None  # settings.checked always gives one
 
     @property
     def enabled(self) -> bool:
@@ -219,6 +236,8 @@ class Settings:
     server: ServerSettings
     proxy: ProxySettings
     provision: ProvisionSettings
+    tls: "TlsSettings" = None      # settings.checked always gives both
+    static: tuple = ()             # StaticDir for each URL prefix nginx serves
     hooks: tuple = ()              # Hook, in the order fabric.yaml gives them
     processes: dict = field(default_factory=dict)   # name -> command, run beside each release's server
     timers: tuple = ()             # Timer
@@ -558,14 +577,19 @@ def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
         site_path=path("proxy.site_path", local["site_path"], absolute=True) if local["site_path"] else "",
         test_command=text("proxy.test_command", local["test_command"]),
         reload_command=text("proxy.reload_command", local["reload_command"]),
-        pid_file=path("proxy.pid_file", local["pid_file"], absolute=True) if local["pid_file"] else "")
+        pid_file=path("proxy.pid_file", local["pid_file"], absolute=True) if local["pid_file"] else "",
+        extra=proxy_extra("proxy.extra", p["extra"], proxy_kind))
+    tls = tls_settings(v["tls"], proxy, base_dir)
+    static = static_dirs("static", v["static"], proxy)
     provision = ProvisionSettings(
         user=name("provision.user", pv["user"], longest=32),
         public_key=None if pv["public_key"] is None else text("provision.public_key", pv["public_key"]),
-        packages=listing("provision.packages", pv["packages"] or default_packages(proxy_kind, kind),
-                         debian_package),
+        packages=listing("provision.packages", pv["packages"] or default_packages(proxy_kind, kind)
+                         + (["certbot"] if tls.acme else []), debian_package),
         database_clients=listing("provision.database_clients", pv["database_clients"], database_client))
     wsgi = text("wsgi", v["wsgi"] or f"{app.replace('-', '_')}:create_app()", allow_empty=False)
+    overlapping("proxy.extra.locations", [d.prefix for d in static]
+                + [prefix.rstrip("/") for prefix, _ in proxy.extra.locations])
     return Settings(
         app=app, wsgi=wsgi,
         deploy_to=deploy_to("deploy_to", v["deploy_to"] or f"/srv/{app}"),
@@ -581,7 +605,7 @@ def checked(raw: dict, base_dir: Path, hosts: tuple, prefix: str) -> Settings:
         project_dir=str(project_dir),
         output=choice("output", v["output"], ("text", "json")),
         known_hosts=path("known_hosts", v["known_hosts"]),
-        server=server, proxy=proxy, provision=provision,
+        server=server, proxy=proxy, provision=provision, tls=tls, static=static,
         **app_processes(v),
         hosts=hosts, raw=raw, base_dir=base_dir,
         warnings=tuple(prefix + w for w in warnings),
@@ -710,6 +734,203 @@ def threads(key: str, value: Any, kind: str) -> int | None:
 def default_packages(proxy_kind: str, server_kind: str) -> list[str]:
     """What provision installs unless provision.packages says: the proxy's and the server's."""
     return PROVISION_PACKAGES[proxy_kind] + SERVER_PACKAGES.get(server_kind, [])
+
+
+# -- tls, static and proxy.extra (issue 13) ---------------------------------------
+# All three end up in the proxy's site, which root renders: each value is checked
+# here against a narrow pattern, so that nothing but the intended directive reaches it.
+
+TLS_MODES = ("off", "acme", "manual")
+EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$")
+URL_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+/?$")
+FOLDER = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+SIZE = re.compile(r"^[0-9]{1,6}[kKmMgG]?$")
+HEADER = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,63}$")
+OWN_HEADERS = {"x-fabdeploy-site": "fabdeploy's own", "strict-transport-security": "set by tls.hsts"}
+# What nginx's workers must never serve, however a location is configured.
+SYSTEM_TREES = ("/etc", "/proc", "/sys", "/dev", "/run", "/root", "/boot", "/var/lib", "/var/log")
+ACME_CHALLENGE = "/.well-known/acme-challenge"
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    mode: str                 # off, acme or manual
+    port: int
+    email: str | None
+    directory: str            # the ACME server
+    ca: str | None            # a local CA file to trust, for a private ACME server
+    cert: str | None          # manual: local paths of the chain and the key
+    key: str | None
+    hsts: bool
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def acme(self) -> bool:
+        return self.mode == "acme"
+
+
+@dataclass(frozen=True)
+class StaticDir:
+    """One URL prefix nginx serves from a folder of the installed app package."""
+
+    prefix: str      # /static: no trailing slash
+    folder: str      # static: relative to the package of the wsgi module
+    required: bool   # given in fabric.yaml: a release without it fails; auto: linked if there
+
+
+@dataclass(frozen=True)
+class ProxyExtra:
+    """proxy.extra, validated: the only additions a site takes."""
+
+    client_max_body_size: str | None = None
+    proxy_read_timeout: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    locations: tuple[tuple[str, str], ...] = ()   # URL prefix (with a trailing /) -> local folder
+
+    def record(self) -> dict:
+        """As provision's record keeps it (JSON's types, so a deploy compares like with like)."""
+        return {"client_max_body_size": self.client_max_body_size,
+                "proxy_read_timeout": self.proxy_read_timeout,
+                "headers": [list(h) for h in self.headers], "locations": [list(l) for l in self.locations]}
+
+
+def off(value: Any) -> bool:
+    """YAML reads a bare `off` (and `no`) as false."""
+    return value is False or value == "off"
+
+
+def local_file(key: str, value: Any, base_dir: Path) -> str:
+    """A file on the machine that runs fab, relative to the project; read only by provision."""
+    text(key, value, allow_empty=False)
+    return str((base_dir / os.path.expanduser(value)).absolute())
+
+
+def tls_settings(t: dict, proxy: ProxySettings, base_dir: Path) -> TlsSettings:
+    mode = "off" if off(t["mode"]) else choice("tls.mode", t["mode"], TLS_MODES)
+    files = {k: None if t[k] is None else local_file(f"tls.{k}", t[k], base_dir) for k in ("ca", "cert", "key")}
+    email = t["email"]
+    if email is not None and (not isinstance(email, str) or not EMAIL.match(email)):
+        raise fail("tls.email", f"must be an email address, not {email!r}")
+    directory = t["directory"]
+    if not isinstance(directory, str) or not HTTPS_URL.match(directory):
+        raise fail("tls.directory", f"must be an ACME directory's https:// URL, not {directory!r}")
+    tls = TlsSettings(mode=mode, port=integer("tls.port", t["port"], 1, 65535), email=email,
+                      directory=directory, hsts=boolean("tls.hsts", t["hsts"]), **files)
+    tls_fits(tls, proxy)
+    return tls
+
+
+def tls_fits(tls: TlsSettings, proxy: ProxySettings) -> None:
+    """The combinations that cannot work, refused by the key that makes them so."""
+    for key in ("cert", "key"):
+        if getattr(tls, key) and tls.mode != "manual":
+            raise fail(f"tls.{key}", "is for tls.mode manual (your own certificate)")
+        if tls.mode == "manual" and not getattr(tls, key):
+            raise fail(f"tls.{key}", "is needed with tls.mode manual: the local path of the "
+                                     + ("certificate chain" if key == "cert" else "private key"))
+    if tls.ca and not tls.acme:
+        raise fail("tls.ca", "is the CA of a private ACME server: it is for tls.mode acme")
+    if not tls.enabled:
+        return
+    if not proxy.enabled:
+        raise fail("tls.mode", "needs a proxy in front (proxy.kind nginx or apache) to serve HTTPS")
+    if tls.acme and proxy.kind != "nginx":
+        raise fail("tls.mode", f"acme works with proxy.kind nginx; with {proxy.kind}, use tls.mode manual")
+    if proxy.catch_all:
+        raise fail("proxy.server_name", "must be the site's real hostnames with tls on, not _: "
+                                        "a certificate names them")
+    wildcard = next((n for n in proxy.server_name if n.startswith("*.")), None)
+    if tls.acme and wildcard:
+        raise fail("proxy.server_name", f"cannot have a wildcard ({wildcard}) with tls.mode acme: the "
+                                        "http-01 challenge proves single names only (use tls.mode manual)")
+    if tls.port in [listen.port for listen in proxy.listen]:
+        raise fail("tls.port", f"is also in proxy.listen ({tls.port}): HTTP and HTTPS need ports of their own")
+
+
+def static_dirs(key: str, value: Any, proxy: ProxySettings) -> tuple[StaticDir, ...]:
+    """auto: the Flask app's static folder at /static, where nginx serves; off; or a mapping."""
+    if off(value) or value is None:
+        return ()
+    if value == "auto":
+        return (StaticDir("/static", "static", required=False),) if proxy.kind == "nginx" else ()
+    if not isinstance(value, dict) or not value:
+        raise fail(key, f"must be auto, off, or a mapping of URL prefixes to folders, not {value!r}")
+    if proxy.kind != "nginx":
+        raise fail(key, f"is served by nginx only (proxy.kind is {proxy.kind}): set static: off")
+    found = []
+    for prefix, folder in value.items():
+        item = f"{key}[{prefix}]"
+        if not isinstance(prefix, str) or not URL_PREFIX.match(prefix) or prefix.startswith("/.well-known"):
+            raise fail(item, "must be a URL prefix such as /static (letters, digits, ._~-)")
+        if not isinstance(folder, str) or not FOLDER.match(folder) or ".." in folder.split("/"):
+            raise fail(item, f"must be a folder inside the app's package, such as static, not {folder!r}")
+        found.append(StaticDir(prefix.rstrip("/"), folder, required=True))
+    overlapping(key, [d.prefix for d in found])
+    return tuple(found)
+
+
+def overlapping(key: str, prefixes: list[str]) -> None:
+    """No prefix may hold another: nginx would serve one of them from the wrong place."""
+    for a in prefixes:
+        for b in prefixes:
+            if a != b and (b + "/").startswith(a.rstrip("/") + "/"):
+                raise fail(key, f"has {b} inside {a}: give prefixes that do not overlap")
+
+
+def proxy_extra(key: str, extra: dict, kind: str) -> ProxyExtra:
+    given = {k: v for k, v in extra.items() if v is not None}
+    if given and kind != "nginx":
+        raise fail(f"{key}.{next(iter(given))}", f"is for nginx's site (proxy.kind is {kind})")
+    size = given.get("client_max_body_size")
+    if size is not None and (isinstance(size, bool) or not SIZE.match(str(size))):
+        raise fail(f"{key}.client_max_body_size", f"must be a size such as 20m (digits, then k, m or g), "
+                                                  f"not {size!r}")
+    timeout = given.get("proxy_read_timeout")
+    return ProxyExtra(
+        client_max_body_size=None if size is None else str(size),
+        proxy_read_timeout=None if timeout is None else integer(f"{key}.proxy_read_timeout", timeout, 1, 86400),
+        headers=headers(f"{key}.headers", given.get("headers") or {}),
+        locations=locations(f"{key}.locations", given.get("locations") or {}))
+
+
+def headers(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """Response headers: a name, and a value nginx takes literally (no quotes, $, ;, braces, \\)."""
+    if not isinstance(value, dict):
+        raise fail(key, f"must be a mapping of header names to values, not {value!r}")
+    found = []
+    for header, content in value.items():
+        if not isinstance(header, str) or not HEADER.match(header):
+            raise fail(key, f"has a header name that is not letters, digits and -: {header!r}")
+        if header.lower() in OWN_HEADERS:
+            raise fail(f"{key}.{header}", f"is {OWN_HEADERS[header.lower()]}")
+        if (not isinstance(content, (str, int)) or isinstance(content, bool) or not str(content)
+                or any(not 32 <= ord(c) < 127 or c in '"$\\;{}' for c in str(content))):
+            raise fail(f"{key}.{header}", f"must be printable text without quotes, $, ;, braces or "
+                                          f"backslashes, not {content!r}")
+        found.append((header, str(content)))
+    return tuple(found)
+
+
+def locations(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """URL prefixes nginx serves from local folders (the operator's own, outside the system's)."""
+    if not isinstance(value, dict):
+        raise fail(key, f"must be a mapping of URL prefixes to folders, not {value!r}")
+    found = []
+    for prefix, folder in value.items():
+        item = f"{key}[{prefix}]"
+        if not isinstance(prefix, str) or not URL_PREFIX.match(prefix) or prefix.startswith("/.well-known"):
+            raise fail(item, "must be a URL prefix such as /downloads/ (letters, digits, ._~-)")
+        checked_folder = path(item, folder, absolute=True).rstrip("/")
+        if not checked_folder or any(checked_folder == t or checked_folder.startswith(t + "/")
+                                     for t in SYSTEM_TREES):
+            raise fail(item, f"must be a folder of your own, not the system's {folder!r}")
+        found.append((prefix.rstrip("/") + "/", checked_folder + "/"))
+    overlapping(key, [p.rstrip("/") for p, _ in found])
+    return tuple(found)
 
 
 def health_path(key: str, value: Any) -> str:

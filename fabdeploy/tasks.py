@@ -362,10 +362,11 @@ def status(run: Invocation, stage=None, json=False):
 
 
 @fleet_task(help={"stage": STAGE_HELP, "follow": "keep printing new lines (Ctrl-C stops)",
-                  "lines": "how many lines to show first (default 50)"})
-def logs(run: Invocation, stage=None, follow=False, lines=50):
+                  "lines": "how many lines to show first (default 50)",
+                  "access": "nginx's access log of the app instead (upstream=- where nginx answered)"})
+def logs(run: Invocation, stage=None, follow=False, lines=50, access=False):
     """Show the app's log (the server's errors, with the app's tracebacks) on each host."""
-    run.one_by_one(lambda t: hostinfo.logs(t, int(lines), follow))
+    run.one_by_one(lambda t: hostinfo.logs(t, int(lines), follow, access))
 
 
 # -- the app's settings, secrets and data (issue 14) ---------------------------
@@ -406,6 +407,8 @@ def db_restore(run: Invocation, backup, yes=False, stage=None):
     finally:
         for t in hosts:
             ph.release_lock(t)
+
+
 # -- the app's commands on the servers (issue 15) --------------------------------------------
 
 HOST_HELP = "only this host (user@host, or host) of those the task would run on"

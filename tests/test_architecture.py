@@ -8,7 +8,8 @@ ROOMS = [  # top to bottom, as docs/architecture.md lists them
     {"fleet", "hostinfo", "commands"},
     {"phases"},
     {"remote", "session"},
-    {"plan", "render", "servers", "provisioning", "wheelhouse", "ops", "scaffold", "database", "hooks", "processes"},
+    {"plan", "render", "servers", "provisioning", "certs", "wheelhouse", "ops", "scaffold", "database", "hooks",
+     "processes"},
     {"settings", "project", "build", "buildenv", "appenv", "memo", "vcs"},
     {"model", "catalog", "layout", "secret", "errors", "onhost"},
 ]

@@ -81,3 +81,10 @@ def test_the_benchmark_times_pyinfra_and_ansible_doing_the_same_job(tmp_path):
     stdout = bench(tmp_path, "--runs", "0", "--fleet", "", "--peers")
     row(stdout, rf"direct \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| - \| - \| - \| "
                 rf"ratio <= 0.25 \| {MET}")
+
+
+def test_the_benchmark_serves_a_static_file_from_nginx_and_from_gunicorn(tmp_path):
+    stdout = bench(tmp_path, "--runs", "0", "--fleet", "", "--static")
+    assert re.search(r"^Static file /static/style\.css \(\d+ bytes\), 4 clients, median of 3 rounds: "
+                     r"nginx \d+ req/s, gunicorn alone on its socket \(2 sync workers\) \d+ req/s: "
+                     r"nginx \d+\.\dx$", stdout, re.M), stdout

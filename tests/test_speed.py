@@ -170,8 +170,8 @@ def test_a_connection_sends_and_acknowledges_without_delay(host):
 def test_a_failed_build_leaves_the_host_untouched_though_it_connected_meanwhile(project, host, tmp_path):
     """The build runs while the hosts connect; it fails before anything changes there."""
     pyproject = project.path / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('packages = ["guestbook"]',
-                                                       'packages = ["missing"]'))
+    pyproject.write_text(pyproject.read_text().replace('packages = ["guestbook"',
+                                                       'packages = ["missing"'))
     result = project.fab("deploy", "--json", check=False,
                          env={"PIP_NO_INDEX": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert result.returncode == 1
@@ -195,8 +195,8 @@ def test_a_deployed_host_is_locked_while_the_wheel_builds_a_fresh_one_after(proj
     assert second.index("lock") < second.index("build") and second.count("lock") == 1, second
     # A build that fails after the lock was taken: the lock goes, and nothing else moved.
     pyproject = project.path / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('packages = ["guestbook"]',
-                                                       'packages = ["missing"]'))
+    pyproject.write_text(pyproject.read_text().replace('packages = ["guestbook"',
+                                                       'packages = ["missing"'))
     before = current(project)
     result = project.fab("deploy", check=False,
                          env={"PIP_NO_INDEX": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")})

@@ -646,7 +646,7 @@ def test_build_failure_leaves_no_temporary_files(project, host, tmp_path):
 
 
 def test_build_failure_of_a_bad_package_list_names_the_cause(project, host, tmp_path):
-    edit_pyproject(project, 'packages = ["guestbook"]', 'packages = ["missing"]')
+    edit_pyproject(project, 'packages = ["guestbook"', 'packages = ["missing"')
     before = host_state(project)
     result = project.fab("deploy", check=False, env=offline_build_env(tmp_path))
     detail = assert_clear_error(result, "building the wheel of ", "fix the build, then deploy again",

@@ -3,7 +3,7 @@ import os
 import sys
 from importlib.metadata import version
 
-from flask import Flask, jsonify, request, session
+from flask import Flask, jsonify, request, session, url_for
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import db
@@ -39,6 +39,7 @@ def create_app(test_config=None):
             instance_path=app.instance_path,
             remote_addr=request.remote_addr,
             scheme=request.scheme,
+            url=url_for("about", _external=True),
         )
 
     @app.post("/sign")
@@ -47,6 +48,10 @@ def create_app(test_config=None):
         db.add(name)
         session["signed_as"] = name
         return f"signed as {name}\n"
+
+    @app.post("/upload")
+    def upload():
+        return f"received {len(request.get_data())} bytes\n"
 
     @app.get("/whoami")
     def whoami():
