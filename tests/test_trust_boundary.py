@@ -346,8 +346,11 @@ class CountingListener:
             conn.close()
 
     def close(self):
+        # close() alone does not wake a thread blocked in accept(); shutdown() does.
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 INJECTIONS = [
