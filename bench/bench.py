@@ -669,8 +669,9 @@ def run_peers(bench: Bench, rtts: list[int | None], runs: int, workdir: Path) ->
 def run_backends(host: LocalHost, rtts: list[int | None], runs: int, workdir: Path) -> dict[str, Bench]:
     """Per build backend, from a clean venv: a first deploy, then code-change redeploys at each RTT."""
     benches = {}
+    fab = user_venv(workdir / "user")  # one for all: a build never installs into it
     for backend in ("setuptools", "flit_core", "hatchling"):
-        bench = benches[backend] = Bench(host, workdir / backend, fab=user_venv(workdir / backend))
+        bench = benches[backend] = Bench(host, workdir / backend, fab=fab)
         bench.use_backend(backend)
         bench.wipe_server()
         for rtt in rtts:

@@ -1,8 +1,9 @@
 """Issue 5: the benchmark runs, and reports every scenario. It asserts no times.
 
-Each new scenario runs one round: at RTT 0 and 20 through the relay, per
-build backend, and the peers (about a minute with their venv cached, so
-they stay in; direct only, as they take minutes at every RTT).
+Each scenario runs one round: plainly, per build backend and for the
+static file in one run; at RTT 0 and 20 through the relay; and the peers
+(about a minute with their venv cached, so they stay in; direct only, as
+they take minutes at every RTT).
 """
 import re
 import subprocess
@@ -37,13 +38,19 @@ def row(stdout: str, pattern: str) -> re.Match:
     return match
 
 
-def test_the_benchmark_runs_every_scenario_and_prints_ratios(tmp_path):
-    stdout = bench(tmp_path, "--runs", "1", "--fleet", "1,2")
+def test_the_benchmark_runs_every_scenario_per_build_backend_and_static_files(tmp_path):
+    """One run, one throwaway host: the scenarios, a redeploy per backend, the static file."""
+    stdout = bench(tmp_path, "--runs", "1", "--fleet", "1,2", "--backends", "--static")
     for scenario in ("first deploy", "code-change redeploy", "no-change redeploy"):
         row(stdout, rf"{scenario} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| ratio <= {NUMBER} \| {MET}")
     row(stdout, rf"rollback \| {NUMBER} \| - \| - \| < 1 s \| {MET}")
     for hosts in (1, 2):
         row(stdout, rf"{hosts} \| {NUMBER} \| {NUMBER}")
+    for backend in ("setuptools", "flit_core", "hatchling"):
+        row(stdout, rf"direct \| {backend} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| ratio <= 0.25 \| {MET}")
+    assert re.search(r"^Static file /static/style\.css \(\d+ bytes\), 4 clients, median of 3 rounds: "
+                     r"nginx \d+ req/s, gunicorn alone on its socket \(2 sync workers\) \d+ req/s: "
+                     r"nginx \d+\.\dx$", stdout, re.M), stdout
 
 
 def test_the_benchmark_runs_every_scenario_at_each_round_trip_time(tmp_path):
@@ -71,20 +78,7 @@ def test_the_benchmark_runs_every_scenario_at_each_round_trip_time(tmp_path):
     row(stdout, rf"20 \| 2 \| {NUMBER} \| {NUMBER} \| <= 2.00 \| {MET}")
 
 
-def test_the_benchmark_times_a_redeploy_for_each_build_backend(tmp_path):
-    stdout = bench(tmp_path, "--runs", "0", "--fleet", "", "--backends")
-    for backend in ("setuptools", "flit_core", "hatchling"):
-        row(stdout, rf"direct \| {backend} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| ratio <= 0.25 \| {MET}")
-
-
 def test_the_benchmark_times_pyinfra_and_ansible_doing_the_same_job(tmp_path):
     stdout = bench(tmp_path, "--runs", "0", "--fleet", "", "--peers")
     row(stdout, rf"direct \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| - \| - \| - \| "
                 rf"ratio <= 0.25 \| {MET}")
-
-
-def test_the_benchmark_serves_a_static_file_from_nginx_and_from_gunicorn(tmp_path):
-    stdout = bench(tmp_path, "--runs", "0", "--fleet", "", "--static")
-    assert re.search(r"^Static file /static/style\.css \(\d+ bytes\), 4 clients, median of 3 rounds: "
-                     r"nginx \d+ req/s, gunicorn alone on its socket \(2 sync workers\) \d+ req/s: "
-                     r"nginx \d+\.\dx$", stdout, re.M), stdout
