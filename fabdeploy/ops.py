@@ -412,7 +412,7 @@ class Audit(Op):
         return {"entry": self.entry, "path": self.path, "app": self.app, "helper": HELPER if self.app else None}
 
     def describe(self, results: dict | None = None) -> list[str]:
-        where = f"root's audit log (helper)" if self.app else self.path
+        where = "root's audit log (helper)" if self.app else self.path
         return [f"would append to {where}: {json.dumps(self.entry, sort_keys=True)}"]
 
 

@@ -62,3 +62,18 @@ def authorize(host, home: str, public_key: str) -> None:
     """Add a public key to a user's authorized_keys inside the host."""
     host.run(f"mkdir -p {home}/.ssh && chmod 700 {home}/.ssh && "
              f"printf '%s\\n' {shlex.quote(public_key.strip())} >> {home}/.ssh/authorized_keys")
+
+
+def module_fleet(count: int, name: str, fixture: str = "fleet"):
+    """A pytest fixture for one test module: `count` booted nspawn hosts as one Fleet, fresh
+    (provision is the tests' own), shut down and removed after the module."""
+    import pytest
+
+    from harness.nspawn import nspawn_hosts
+
+    @pytest.fixture(scope="module", name=fixture)
+    def booted(tmp_path_factory):
+        workdir = tmp_path_factory.mktemp(name)
+        with nspawn_hosts(count, workdir) as hosts:
+            yield Fleet(hosts, workdir)
+    return booted

@@ -15,8 +15,7 @@ import urllib.request
 import pytest
 
 import load
-from harness.fleet import Fleet
-from harness.nspawn import nspawn_hosts
+from harness.fleet import module_fleet
 from harness.project import Project
 
 pytestmark = [
@@ -34,11 +33,7 @@ MAX_REQUESTS, MAX_SECONDS = 400_000, 120
 SETTINGS = {"proxy": {"kind": "apache", "listen": [80, 8080]}}
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("apache")
-    with nspawn_hosts(1, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(1, "apache")
 
 
 @pytest.fixture(scope="module")

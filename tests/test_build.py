@@ -8,7 +8,6 @@ never asserted.
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from harness.fleet import Fleet
-from harness.nspawn import nspawn_hosts
+from harness.fleet import module_fleet
 from harness.project import Project
 
 pytestmark = [
@@ -26,11 +25,7 @@ ROOT = f"/srv/{APP}"
 DUMP = "env | grep ^FABDEPLOY_ | sort"
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("hooks")
-    with nspawn_hosts(2, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(2, "hooks")
 
 
 def git(project, *args: str) -> str:

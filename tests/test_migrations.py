@@ -18,9 +18,8 @@ import urllib.request
 
 import pytest
 
-from harness.fleet import Fleet
+from harness.fleet import module_fleet
 from harness.ledger import Ledger
-from harness.nspawn import nspawn_hosts
 from load import assert_no_failed_request, under_load
 
 pytestmark = [
@@ -35,11 +34,7 @@ TOKEN_VARIABLE = "LEDGER_TEST_TOKEN"
 TOKEN = "tok-" + secrets.token_hex(16)
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("migrations")
-    with nspawn_hosts(1, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(1, "migrations")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import urllib.request
 import pytest
 
 import load
-from harness.fleet import Fleet
-from harness.nspawn import nspawn_hosts
+from harness.fleet import module_fleet
 from harness.project import Project
 
 pytestmark = [
@@ -31,11 +30,7 @@ THREADS, WARM_UP, AFTER = 4, 100, 0.5
 MAX_REQUESTS, MAX_SECONDS = 400_000, 120
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("mod_wsgi")
-    with nspawn_hosts(1, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+host = module_fleet(1, "mod_wsgi", fixture="host")
 
 
 @pytest.fixture(scope="module")

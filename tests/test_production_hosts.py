@@ -22,9 +22,8 @@ from collections import Counter
 
 import pytest
 
-from harness.fleet import Fleet
+from harness.fleet import module_fleet
 from load import Load, assert_no_failed_request
-from harness.nspawn import nspawn_hosts
 from harness.project import Project
 
 pytestmark = [
@@ -40,12 +39,7 @@ PHASE_LINE = re.compile(r"^\[(\S+)\] (\w+) +\d+\.\d+s$", re.M)
 INNER_PORT = 2222
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """Three booted hosts, once for the module."""
-    workdir = tmp_path_factory.mktemp("production")
-    with nspawn_hosts(3, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(3, "production")
 
 
 @pytest.fixture(scope="module")

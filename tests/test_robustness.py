@@ -12,8 +12,7 @@ import urllib.request
 
 import pytest
 
-from harness.fleet import Fleet
-from harness.nspawn import nspawn_hosts
+from harness.fleet import module_fleet
 from harness.project import Project
 
 pytestmark = [
@@ -25,11 +24,7 @@ APP = "guestbook"
 ROOT = f"/srv/{APP}"
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("robust")
-    with nspawn_hosts(1, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(1, "robust")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import select
-import shlex
 import shutil
 import socket
 import stat

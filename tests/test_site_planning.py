@@ -10,7 +10,7 @@ from fabdeploy import phases as ph
 from fabdeploy.errors import DeployError
 from fabdeploy.layout import Layout
 from fabdeploy.model import Bind, HostFacts
-from fabdeploy.ops import Health, Install, Link, Sh
+from fabdeploy.ops import Install, Link
 from fabdeploy.settings import resolve
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "example"

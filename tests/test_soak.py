@@ -19,8 +19,7 @@ import time
 
 import pytest
 
-from harness.fleet import Fleet
-from harness.nspawn import nspawn_hosts
+from harness.fleet import module_fleet
 from harness.project import Project
 from load import Load, assert_no_failed_request
 
@@ -88,11 +87,7 @@ def edit(project, old: str, new: str) -> None:
     app.write_text(text.replace(old, new))
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("soak")
-    with nspawn_hosts(1, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(1, "soak")
 
 
 def served_version(host) -> str:

@@ -13,8 +13,7 @@ import shlex
 
 import pytest
 
-from harness.fleet import Fleet
-from harness.nspawn import nspawn_hosts
+from harness.fleet import module_fleet
 from harness.project import Project
 
 pytestmark = [
@@ -29,11 +28,7 @@ FINGERPRINTED = "app.3f2a1b9c.css"
 BODY = 15 * 1024 * 1024  # a 15 MB upload: over nginx's default limit of 1 MB
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("static")
-    with nspawn_hosts(1, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(1, "static")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Importing fabdeploy's tasks into a project's tasks.py, exactly as the README shows."""
 import re
-import shutil
 import subprocess
 import urllib.request
 

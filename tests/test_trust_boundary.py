@@ -21,8 +21,7 @@ import urllib.request
 
 import pytest
 
-from harness.fleet import Fleet
-from harness.nspawn import nspawn_hosts
+from harness.fleet import module_fleet
 from harness.project import EXAMPLE, FAB, Project
 
 pytestmark = [
@@ -35,11 +34,7 @@ ROOT = f"/srv/{APP}"
 HELPER = "/usr/local/lib/fabdeploy/helper"
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("trust")
-    with nspawn_hosts(2, workdir) as hosts:
-        yield Fleet(hosts, workdir)
+fleet = module_fleet(2, "trust")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ A release that fails only behind nginx is refused before the switch, by a
 check through nginx's preview, so under load it costs nobody a request.
 """
 import http.client
-import time
 
 import pytest
 
