@@ -851,6 +851,12 @@ def tls_fits(tls: TlsSettings, proxy: ProxySettings) -> None:
         raise fail("tls.port", f"is also in proxy.listen ({tls.port}): HTTP and HTTPS need ports of their own")
 
 
+def url_prefix(key: str, prefix: Any, example: str) -> None:
+    """A URL prefix the site gives a location of its own (never ACME's /.well-known)."""
+    if not isinstance(prefix, str) or not URL_PREFIX.match(prefix) or prefix.startswith("/.well-known"):
+        raise fail(key, f"must be a URL prefix such as {example} (letters, digits, ._~-)")
+
+
 def static_dirs(key: str, value: Any, proxy: ProxySettings) -> tuple[StaticDir, ...]:
     """auto: the Flask app's static folder at /static, where nginx serves; off; or a mapping."""
     if off(value) or value is None:
@@ -864,8 +870,7 @@ def static_dirs(key: str, value: Any, proxy: ProxySettings) -> tuple[StaticDir, 
     found = []
     for prefix, folder in value.items():
         item = f"{key}[{prefix}]"
-        if not isinstance(prefix, str) or not URL_PREFIX.match(prefix) or prefix.startswith("/.well-known"):
-            raise fail(item, "must be a URL prefix such as /static (letters, digits, ._~-)")
+        url_prefix(item, prefix, "/static")
         if not isinstance(folder, str) or not FOLDER.match(folder) or ".." in folder.split("/"):
             raise fail(item, f"must be a folder inside the app's package, such as static, not {folder!r}")
         found.append(StaticDir(prefix.rstrip("/"), folder, required=True))
@@ -922,8 +927,7 @@ def locations(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     found = []
     for prefix, folder in value.items():
         item = f"{key}[{prefix}]"
-        if not isinstance(prefix, str) or not URL_PREFIX.match(prefix) or prefix.startswith("/.well-known"):
-            raise fail(item, "must be a URL prefix such as /downloads/ (letters, digits, ._~-)")
+        url_prefix(item, prefix, "/downloads/")
         checked_folder = path(item, folder, absolute=True).rstrip("/")
         if not checked_folder or any(checked_folder == t or checked_folder.startswith(t + "/")
                                      for t in SYSTEM_TREES):
