@@ -214,8 +214,14 @@ def ssh_true_through(relay: Relay, host) -> None:
 
 
 @pytest.mark.host
-def test_ssh_connect_and_one_command_count_the_same_turns_every_time(host):
-    """The turns of paramiko's connect (key exchange, auth) plus one exec, through the relay."""
+def test_ssh_connect_and_one_command_take_a_plausible_count_of_round_trips(host):
+    """The turns of paramiko's connect (key exchange, auth) plus one exec, through the relay.
+
+    Not the same count every time: a fresh-clone CI rehearsal saw (1, 7, 8) and then
+    (1, 6, 7). Whether two messages sent close together by the two sides fall into one
+    turn or two depends on timing. The counter itself is exact, as the scripted
+    exchanges above show. test_round_trips asserts budgets, never equality, for that reason.
+    """
     with Relay(host.ssh_port, delay_ms=DELAY_MS) as relay:
         trust_relay(host, relay)
         counts = []
@@ -226,10 +232,11 @@ def test_ssh_connect_and_one_command_count_the_same_turns_every_time(host):
             (link,) = relay.connections()
             counts.append((relay.connected, link.turns, relay.round_trips()))
         print(f"\nFabric connect + run('true') through the relay: (connections, turns, round trips) = {counts}")
-        assert counts[0] == counts[1]
-        # Banners, key exchange, service request, auth, channel open, exec, exit and close:
-        # no fewer than 5 round trips can carry that, and a client waiting for 25 would be absurd.
-        assert 5 <= counts[0][2] <= 25, counts
+        for connected, _, round_trips in counts:
+            assert connected == 1, counts
+            # Banners, key exchange, service request, auth, channel open, exec, exit and close:
+            # no fewer than 5 round trips can carry that, and a client waiting for 25 would be absurd.
+            assert 5 <= round_trips <= 25, counts
 
 
 @pytest.mark.host

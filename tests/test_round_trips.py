@@ -58,10 +58,15 @@ def test_a_redeploy_a_no_change_deploy_and_a_rollback_stay_within_their_round_tr
     assert min(found.values()) >= 7, found
 
 
-def test_a_rollback_from_an_old_memory_takes_one_more_round_trip_and_is_still_right(project, relay):
-    """The host changed since fab last saw it (another machine deployed): the guard notices."""
+def test_a_rollback_from_an_old_memory_takes_at_most_one_more_round_trip_and_is_still_right(project, relay):
+    """The host changed since fab last saw it (another machine deployed): the guard notices.
+
+    At most one more, not exactly one: SSH's own turns vary by one from run to run
+    (test_relay), so only budgets are asserted.
+    """
     project.set_version("1.0.1")
     project.fab("deploy", hosts=relay.host_string(project.host))
+    before = (project.deploy_to / "current").readlink().name
     cache = project_cache(project)
     remembered = {p: p.read_text() for p in cache.glob("*.json")}
     project.set_version("1.0.2")
@@ -73,8 +78,9 @@ def test_a_rollback_from_an_old_memory_takes_one_more_round_trip_and_is_still_ri
     result = json.loads(out)
     assert result["ok"], out
     back = (project.deploy_to / "current").readlink().name
-    assert back != served and back < served
-    assert trips == BUDGET["rollback"] + 1, trips
+    # The release before the one served: the memory, one deploy old, would have gone one further.
+    assert back == before and back != served, (back, before, served)
+    assert trips <= BUDGET["rollback"] + 1, trips
 
 
 def project_cache(project):
