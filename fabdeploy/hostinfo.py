@@ -185,12 +185,7 @@ def provision(t: Target, replace_sudo: bool = False) -> None:
     facts = provisioning.RootFacts.parse(json.loads(
         root_run(t, [provisioning.root_facts(user)], sudo)["root"]["stdout"]))
     steps = provisioning.steps(t.settings, user, key, facts, replace=replace_sudo)
-    results = root_run(t, [step.op for step in steps], sudo)
-    changed = 0
-    for step in steps:
-        state = result_word(results.get(step.name)) if not t.host.dry_run else "would check"
-        changed += state == "changed"
-        print(f"[{t.host.name}] {state:<10} {step.name}", flush=True)
+    changed = apply_steps(t, steps, sudo)
     if not t.host.dry_run:
         after = provisioning.RootFacts.parse(json.loads(
             root_run(t, [provisioning.root_facts(user)], sudo)["root"]["stdout"]))
@@ -198,6 +193,21 @@ def provision(t: Target, replace_sudo: bool = False) -> None:
         if left:
             raise DeployError(f"{user} still has other sudo rights ({', '.join(left)})", t.host.name,
                               hint=f"see sudo -l -U {user} on the host")
+    say_changed(t, changed)
+
+
+def apply_steps(t: Target, steps: list, sudo: bool) -> int:
+    """Every step in one request as root, a line for each; how many changed something."""
+    results = root_run(t, [step.op for step in steps], sudo)
+    changed = 0
+    for step in steps:
+        state = result_word(results.get(step.name)) if not t.host.dry_run else "would check"
+        changed += state == "changed"
+        print(f"[{t.host.name}] {state:<10} {step.name}", flush=True)
+    return changed
+
+
+def say_changed(t: Target, changed: int) -> None:
     print(f"[{t.host.name}] " + (f"{changed} step(s) changed" if changed else "nothing to change"))
 
 
@@ -264,10 +274,5 @@ def provision_database(t: Target, url) -> None:
     ph.connect(t)
     sudo = t.host.conn.user != "root"
     steps = database.provision_steps(t.settings, database.checked_url(url, t.host.name))
-    results = root_run(t, [step.op for step in steps], sudo)
-    changed = 0
-    for step in steps:
-        state = result_word(results.get(step.name)) if not t.host.dry_run else "would check"
-        changed += state == "changed"
-        print(f"[{t.host.name}] {state:<10} {step.name}", flush=True)
-    print(f"[{t.host.name}] " + (f"{changed} step(s) changed" if changed else "nothing to change"))
+    changed = apply_steps(t, steps, sudo)
+    say_changed(t, changed)
