@@ -11,15 +11,14 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import stat
 import subprocess
-import threading
 import urllib.request
 
 import pytest
 
 from harness.ledger import Ledger
+from harness.listener import CountingListener
 from harness.project import FAB
 from test_secrets import ProcessSpy, logging_login_shell, proc_owner, read_proc, uid_of
 
@@ -81,30 +80,6 @@ class Spy(ProcessSpy):
 
 # -- before anything connects ---------------------------------------------------------
 
-class Listener:
-    """A TCP port that counts the connections made to it: where an SSH server would be."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self):
-        self.sock.close()
-        self.thread.join(5)
-
-
 class Nowhere:
     """Settings for a host nobody serves: fabric.yaml as Project writes it."""
 
@@ -117,7 +92,7 @@ class Nowhere:
 
 def test_a_missing_secret_fails_before_connecting_naming_it(tmp_path):
     """No TOKEN variable here: one line naming the secret and its source, and no connection made."""
-    listener = Listener()
+    listener = CountingListener()
     try:
         project = Ledger(tmp_path / "ledger", Nowhere(listener.port), **SETTINGS)
         env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE}

@@ -12,9 +12,7 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +20,7 @@ import urllib.request
 import pytest
 
 from harness.fleet import module_fleet
+from harness.listener import CountingListener
 from harness.project import EXAMPLE, FAB, Project
 
 pytestmark = [
@@ -318,35 +317,6 @@ def test_provision_refuses_a_deploy_user_with_broader_sudo_unless_told_to_replac
 
 
 # -- settings that would inject are refused before anything connects ---------------------
-
-class CountingListener:
-    """A TCP port that counts who connects, for hosts that must never be reached."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self):
-        # close() alone does not wake a thread blocked in accept(); shutdown() does.
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
-
 
 INJECTIONS = [
     ("app", {"app": "gb$(id>/tmp/x)"}),
