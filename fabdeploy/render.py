@@ -71,6 +71,11 @@ def https_listen(settings: Settings) -> tuple[Listen, ...]:
     return tuple(dict.fromkeys(Listen(settings.tls.port, listen.address) for listen in settings.proxy.listen))
 
 
+def https_port(settings: Settings) -> str:
+    """What a redirect to https adds after the host: nothing for 443, else :PORT."""
+    return "" if settings.tls.port == 443 else f":{settings.tls.port}"
+
+
 def apache_site(settings: Settings, shape: SiteShape) -> str:
     proxy = settings.proxy
     server_name = "" if proxy.catch_all else f"    ServerName {proxy.server_name[0]}\n" + "".join(
@@ -81,8 +86,8 @@ def apache_site(settings: Settings, shape: SiteShape) -> str:
     hosts = apache_hosts(proxy.listen)
     redirect = tls = ""
     if settings.tls.enabled:
-        port = "" if settings.tls.port == 443 else f":{settings.tls.port}"
-        redirect = render("apache-redirect.conf", hosts=hosts, server_name=server_name, port=port) + "\n"
+        redirect = render("apache-redirect.conf", hosts=hosts, server_name=server_name,
+                          port=https_port(settings)) + "\n"
         hosts, tls = apache_hosts(https_listen(settings)), apache_tls(settings)
     return render("apache-site.conf", app=settings.app, upstream=upstream_name(settings.app),
                   stamp=stamp(settings, shape.active), active=shape.active.apache,
@@ -149,10 +154,10 @@ def nginx_redirect(settings: Settings, shape: SiteShape) -> str:
     """Port 80 with TLS on: the ACME challenge (acme mode), and a redirect of the rest to https."""
     paths = SystemPaths(settings.app)
     challenge = render("nginx-challenge.conf", webroot=paths.acme_webroot) if settings.tls.acme else ""
-    port = "" if settings.tls.port == 443 else f":{settings.tls.port}"
     return render("nginx-redirect.conf", listen=listen_lines(settings, shape.ipv6),
                   server_name=" ".join(settings.proxy.server_name), access_log=access_log(settings, shape),
-                  upstream=upstream_name(settings.app), challenge=challenge, port=port) + "\n"
+                  upstream=upstream_name(settings.app), challenge=challenge,
+                  port=https_port(settings)) + "\n"
 
 
 def tls_files(settings: Settings) -> tuple[str, str]:
